@@ -1,0 +1,336 @@
+"""Load a hub-format checkpoint directory into a native model, memory-lean and safely.
+
+Order: find the directory (local, or the hub cache via huggingface_hub) → read config.json →
+``registry.detect`` → ``Config.from_hf`` → tokenizer (fail fast) → build the model on the meta
+device → swap in quantized linears (``--quant``) → stream the shards tensor by tensor
+(``safetensors.safe_open``, or ``torch.load(weights_only=True, mmap=True)`` for ``.bin``),
+casting and moving each tensor to its device as it arrives → strict check for missing keys.
+
+No file from the model directory is ever executed: only JSON, tensors and tokenizer files are
+read, and hub downloads skip ``*.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import resource
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmchat.errors import CheckpointError, DeviceError, UsageError
+from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel
+from llmchat.registry import ModelSpec, detect, resolve
+from llmchat.types import parse_quant
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+HUB_PATTERNS = ["*.json", "*.bin", "*.safetensors", "*.model", "*.tiktoken"]  # never *.py
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+# -- device and dtype ------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {device}: CUDA is not available (torch {torch.__version__}); "
+                "use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec, quant: int) -> torch.dtype:
+    """``auto``: the model's upstream CUDA dtype on GPU (bf16 only where supported); on CPU fp32,
+    or bf16 with ``--quant 8/4`` because torch's CPU int8/int4 kernels are fast only with bf16."""
+    name = (dtype or "auto").strip().lower()
+    name = DTYPE_ALIASES.get(name, name)
+    if name == "auto":
+        if device.type == "cuda":
+            name = spec.cuda_dtype
+            if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+                name = "float16"
+        else:
+            name = "bfloat16" if quant != 16 else "float32"
+    if name not in DTYPES:
+        raise UsageError(
+            f"invalid --dtype {dtype!r}; use auto, float32, float16 or bfloat16"
+        )
+    return DTYPES[name]
+
+
+# -- finding the checkpoint -------------------------------------------------------------------------
+def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
+    """The preset's directory in the standard Hugging Face cache, downloading it if allowed."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - declared dependency
+        raise CheckpointError("huggingface_hub is not installed; use --model-path DIR") from None
+    offline = not download or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        path = snapshot_download(spec.hub_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+    except Exception as exc:  # hub errors are many and version-dependent
+        hint = "it is not in the local cache" if offline else f"download failed: {exc}"
+        raise CheckpointError(
+            f"cannot get {spec.hub_id}: {hint}. Download it, or pass --model-path DIR"
+        ) from None
+    return Path(path)
+
+
+def cached_snapshot(spec: ModelSpec) -> Path | None:
+    """The cached directory for a preset, or None (never touches the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    hit = try_to_load_from_cache(spec.hub_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def find_checkpoint(
+    model: str | None, model_path: str | os.PathLike[str] | None, *, download: bool = True
+) -> Path:
+    if model_path is not None:
+        path = Path(model_path).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"model directory not found: {path}")
+        if not path.is_dir():
+            raise CheckpointError(f"--model-path must be a directory: {path}")
+        return path
+    if not model:
+        raise UsageError("no model given: use --model NAME or --model-path DIR")
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    return hub_snapshot(resolve(model), download=download)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object")
+    return data
+
+
+# -- shards --------------------------------------------------------------------------------------------
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint, in index order; every listed shard must exist."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if not index.exists():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(str(v) for v in weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read {index}: {exc}") from None
+        for name in names:
+            if not (path / name).is_file():
+                raise CheckpointError(f"shard {name} listed in {index_name} is missing from {path}")
+        return [path / n for n in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(
+            f"no weights in {path} (expected pytorch_model*.bin or *.safetensors)"
+        )
+    return files
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as exc:
+        raise CheckpointError(f"cannot read {file.name}: truncated or corrupt ({_short(exc)})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{file.name} does not hold a state dict")
+    return sd
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) shard by shard; each shard is released before the next is opened."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        yield key, f.get_tensor(key)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # SafetensorError and friends
+                raise CheckpointError(
+                    f"cannot read {file.name}: truncated or corrupt ({_short(exc)})"
+                ) from None
+        else:
+            sd = _torch_load(file)
+            for key in list(sd):
+                t = sd.pop(key)
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{file.name}: {key} is not a tensor")
+                yield key, t
+            del sd
+
+
+def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the (meta) parameter or buffer ``name`` with ``tensor``."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def load_weights(
+    model: nn.Module,
+    files: list[Path],
+    checkpoint_key: Callable[[str], str | None],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Progress | None = None,
+    keep_dtype: Callable[[str], torch.dtype | None] | None = None,
+) -> None:
+    """Stream checkpoint tensors into a meta-built model, strictly."""
+    expected = {n: p for n, p in model.named_parameters()}
+    expected.update(dict(model.named_buffers()))
+    total = sum(f.stat().st_size for f in files)
+    done = 0
+    unexpected: list[str] = []
+    for key, t in iter_tensors(files):
+        name = checkpoint_key(key)
+        if name is None:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            unexpected.append(key)
+            continue
+        hook = getattr(owner, "load_checkpoint_tensor", None)
+        if hook is not None:  # quantized linears take their own tensors
+            hook(attr, t, dtype=dtype, device=device, key=key)
+        elif name in expected:
+            want = expected[name].shape
+            if tuple(t.shape) != tuple(want):
+                raise CheckpointError(
+                    f"{key} has shape {tuple(t.shape)} in the checkpoint but config.json "
+                    f"implies {tuple(want)}"
+                )
+            target = (keep_dtype(name) if keep_dtype else None) or dtype
+            t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+            assign(model, name, t)
+        else:
+            unexpected.append(key)
+        done += t.numel() * t.element_size()
+        if progress is not None:
+            progress(min(done, total), total)
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (" …" if len(unexpected) > 3 else "")
+        raise CheckpointError(f"unexpected keys in the checkpoint ({len(unexpected)}): {shown}")
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
+        raise CheckpointError(f"missing keys in the checkpoint ({len(missing)}): {shown}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def load(
+    model: str | None = None,
+    *,
+    model_path: str | os.PathLike[str] | None = None,
+    quant: int | str = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+    download: bool = True,
+) -> ChatModel:
+    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``."""
+    t0 = time.perf_counter()
+    bits = parse_quant(quant)
+    dev = resolve_device(device)
+    path = find_checkpoint(model, model_path, download=download)
+    hf = read_config(path)
+    spec = detect(hf)
+    if model and model_path is not None and not Path(model).is_dir():
+        asked = resolve(model)
+        if asked.name != spec.name:
+            raise UsageError(f"--model {model} but {path} holds a {spec.name} checkpoint")
+    torch_dtype = resolve_dtype(dtype, dev, spec, bits)
+    module = importlib.import_module(spec.module)
+    cfg = module.Config.from_hf(hf)
+    tokenizer = module.load_tokenizer(path)
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        net = module.Model(cfg)
+    ckpt_bits = int(hf.get("quantization_bit") or 0)
+    if bits != 16 or ckpt_bits:
+        from llmchat.quant import prepare_model
+
+        prepare_model(net, module.QUANT_LINEARS, bits, checkpoint_bits=ckpt_bits,
+                      dtype=torch_dtype, device=dev)
+    load_weights(net, files, module.checkpoint_key, dtype=torch_dtype, device=dev,
+                 progress=progress, keep_dtype=getattr(module, "keep_dtype", None))
+    net.eval()
+    info = LoadInfo(
+        path=str(path),
+        device=str(dev),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        quant=bits if bits != 16 else (ckpt_bits or 16),
+        weight_bytes=sum(t.numel() * t.element_size()
+                         for t in [*net.parameters(), *net.buffers()]),
+        load_s=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+    chat_cls: type[TransformerChatModel] = getattr(module, "ChatModelClass", TransformerChatModel)
+    return chat_cls(spec, module, net, tokenizer, info)
+
+
+def module_for(spec: ModelSpec) -> ModuleType:
+    return importlib.import_module(spec.module)

@@ -1,0 +1,1 @@
+"""One module per architecture; the registry imports them lazily."""

@@ -1,0 +1,330 @@
+"""ChatGLM2-6B (THUDM/chatglm2-6b), native PyTorch.
+
+A pre-norm decoder with RMSNorm, SwiGLU and multi-query attention in ``multi_query_group_num``
+KV groups (2 at 6B: query head h uses group h // (heads / groups)). The fused
+``query_key_value`` projection (the only one with a bias) is laid out as contiguous blocks
+``[q: heads*D | k: groups*D | v: groups*D]``. Rotary embeddings cover the first half of each
+head (64 of 128 dims) with GPT-J-style interleaved pairs (2i, 2i+1); the rest passes through.
+Positions are plain 0..L-1 with a causal mask, and ``output_layer`` is untied.
+
+Departure from upstream: the RoPE angles and cos/sin are computed and applied in fp32. Upstream
+casts its cos/sin table to fp16 (to mimic complex32), which loses the angle precision beyond
+~2k positions; in fp32 both agree exactly. Reference: REFERENCE.md §3, modeling_chatglm.py of
+the hub repo; transformers' ``GlmForCausalLM`` computes the same function.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H query heads, G kv groups, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmchat.cache import KVCache
+from llmchat.errors import UnsupportedCheckpointError
+from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
+from llmchat.types import Message, split_turns
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 65024
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_heads: int = 32
+    kv_channels: int = 128
+    num_kv_groups: int = 2
+    ffn_hidden_size: int = 13696
+    eps: float = 1e-5
+    seq_length: int = 32768
+    rope_theta: float = 10000.0
+    quantization_bit: int = 0
+
+    # config.json key -> field
+    _HF_KEYS = {
+        "padded_vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "num_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "kv_channels": "kv_channels",
+        "multi_query_group_num": "num_kv_groups",
+        "ffn_hidden_size": "ffn_hidden_size",
+        "layernorm_epsilon": "eps",
+        "seq_length": "seq_length",
+        "quantization_bit": "quantization_bit",
+    }
+    # settings this implementation assumes: key -> (required value, default when absent)
+    _REQUIRED = {
+        "rmsnorm": (True, True),
+        "add_bias_linear": (False, False),
+        "add_qkv_bias": (True, False),
+        "multi_query_attention": (True, False),
+        "post_layer_norm": (True, True),
+        "original_rope": (True, True),
+        "apply_residual_connection_post_layernorm": (False, False),
+    }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Config:
+        for key, (want, default) in cls._REQUIRED.items():
+            if hf.get(key, default) != want:
+                raise UnsupportedCheckpointError(
+                    f"unsupported ChatGLM2 config: {key} must be {str(want).lower()}"
+                )
+        if hf.get("pre_seq_len"):
+            raise UnsupportedCheckpointError("unsupported ChatGLM2 config: P-tuning (pre_seq_len)")
+        kw: dict[str, Any] = {}
+        for src, dst in cls._HF_KEYS.items():
+            if hf.get(src) is not None:
+                kw[dst] = hf[src]
+        for key in ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads"):
+            if key not in hf:
+                raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+        kw["rope_theta"] = 10000.0 * float(hf.get("rope_ratio", 1.0))
+        cfg = cls(**kw)
+        if cfg.num_heads % cfg.num_kv_groups:
+            raise UnsupportedCheckpointError(
+                "unsupported ChatGLM2 config: num_attention_heads must be a multiple of "
+                "multi_query_group_num"
+            )
+        return cfg
+
+
+def rope_cos_sin(positions: Tensor, rot_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """fp32 cos/sin of shape (T, rot_dim/2) for the interleaved half-width rotary."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, rot_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the first ``2 * cos.shape[-1]`` dims of x (B,h,T,D)."""
+    rot = cos.shape[-1] * 2
+    xr = x[..., :rot].float().unflatten(-1, (-1, 2))  # (B, h, T, rot/2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Upstream order: normalise in fp32, multiply by the weight, then cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    """Causal scaled dot-product attention of T new queries over S = offset + T keys."""
+    t, s = q.shape[2], k.shape[2]
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.kv_channels
+        self.query_key_value = nn.Linear(
+            cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_groups) * d, bias=True
+        )
+        self.dense = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache: KVCache | None
+    ) -> Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        d, h, g = cfg.kv_channels, cfg.num_heads, cfg.num_kv_groups
+        q, k, v = self.query_key_value(x).split((h * d, g * d, g * d), dim=-1)
+        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, g, d).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(b, t, g, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        offset = 0
+        if cache is not None:
+            offset = cache.offset
+            k, v = cache.update(layer, k, v)  # (B, G, S, D)
+        k = k.repeat_interleave(h // g, dim=1)  # (B, H, S, D): head i uses group i // (H/G)
+        v = v.repeat_interleave(h // g, dim=1)
+        out = attention(q, k, v, offset)  # (B, H, T, D)
+        return self.dense(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, self.layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.embedding = Embedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class Model(nn.Module):
+    """Parameter names equal the checkpoint keys (``transformer.encoder.layers.0....``)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.max_positions: int | None = cfg.seq_length
+
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_groups, c.kv_channels, max_len,
+                       dtype=dtype, device=device)
+
+    def forward(
+        self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
+    ) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position when ``last_only``."""
+        tr = self.transformer
+        offset = cache.offset if cache is not None else 0
+        t = input_ids.shape[1]
+        positions = torch.arange(offset, offset + t, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.kv_channels // 2, self.config.rope_theta)
+        x = tr.embedding.word_embeddings(input_ids)  # (B, T, hidden)
+        for block in tr.encoder.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(t)
+        if last_only:
+            x = x[:, -1:]
+        return tr.output_layer(tr.encoder.final_layernorm(x))
+
+
+def checkpoint_key(key: str) -> str | None:
+    """Checkpoint key -> parameter name (the same), or None for the unused rotary buffer."""
+    if key.endswith("rotary_pos_emb.inv_freq"):
+        return None
+    return key
+
+
+QUANT_LINEARS = (
+    "self_attention.query_key_value",
+    "self_attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+class ChatGLM2Tokenizer:
+    """sentencepiece ``tokenizer.model`` plus the five special ids upstream appends after it."""
+
+    SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+
+    def __init__(self, path: Path) -> None:
+        self.sp = load_sentencepiece(path)
+        n = self.sp.vocab_size()
+        self.special = {name: n + i for i, name in enumerate(self.SPECIALS)}
+        self.gmask_id, self.sop_id = self.special["[gMASK]"], self.special["sop"]
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.pad_id = self.sp.unk_id()
+        self._n = n
+        self.vocab_size = n + len(self.SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # upstream maps bos/eos/pad and the appended specials to empty strings
+        skip = (self.bos_id, self.eos_id, self.pad_id)
+        return str(self.sp.decode([i for i in ids if 0 <= i < self._n and i not in skip]))
+
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_tokenizer(model_dir: Path) -> ChatGLM2Tokenizer:
+    return ChatGLM2Tokenizer(Path(model_dir) / TOKENIZER_FILE)
+
+
+# -- chat format -------------------------------------------------------------------------------
+def build_prompt(messages: Sequence[Message]) -> str:
+    """``[Round i]\\n\\n问：q\\n\\n答：r\\n\\n`` per past turn from i = 1, then the new question."""
+    _, history, query = split_turns(list(messages))
+    parts = [f"[Round {i}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history, 1)]
+    parts.append(f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：")
+    return "".join(parts)
+
+
+def encode_messages(tok: ChatGLM2Tokenizer, messages: Sequence[Message]) -> list[int]:
+    """``[gMASK] sop`` followed by the template's tokens (upstream prepends the two)."""
+    return [tok.gmask_id, tok.sop_id, *tok.encode(build_prompt(messages))]
+
+
+TRAINING_TIME = "[[训练时间]]"
+
+
+def postprocess(text: str) -> str:
+    """Upstream ``process_response``: strip, and fill in the training-time placeholder."""
+    return text.strip().replace(TRAINING_TIME, "2023年")
+
+
+def holdback(text: str) -> int:
+    return partial_suffix_len(text, TRAINING_TIME)
+
+
+def stop_ids(tok: ChatGLM2Tokenizer) -> frozenset[int]:
+    return frozenset({tok.eos_id})
+
+
+INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
+SUPPORTS_SYSTEM = False

@@ -1,0 +1,156 @@
+"""Plain data shared by every layer: messages, generation settings, per-reply statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from llmchat.errors import UsageError
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+    image: str | None = None  # path of an image attached to this user turn (VisualGLM)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise UsageError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(self.content, str):
+            raise UsageError("message content must be text")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.image is not None:
+            d["image"] = self.image
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Message:
+        if not isinstance(d, dict) or "role" not in d or "content" not in d:
+            raise UsageError("each message needs a 'role' and a 'content'")
+        image = d.get("image")
+        return cls(d["role"], d["content"], str(image) if image is not None else None)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings with upstream (transformers ``generate``) semantics.
+
+    ``max_length`` is the total budget (prompt + reply) as in upstream ``chat()``;
+    ``max_new_tokens`` optionally caps the reply on top of it. ``temperature == 0`` means greedy.
+    ``top_k == 0`` and ``top_p == 1`` disable those filters. ``min_length`` (total tokens, as in
+    transformers) forbids the end token until the sequence is that long (VisualGLM uses 100).
+    """
+
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_length: int = 2048
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> UsageError:
+            return UsageError(msg)
+
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise bad(f"{name} must be a finite number, got {v!r}")
+        for name in ("top_k", "max_length", "min_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(f"{name} must be an integer, got {v!r}")
+        if self.temperature < 0:
+            raise bad(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise bad(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_length < 2:
+            raise bad(f"max_length must be >= 2, got {self.max_length}")
+        if self.min_length < 0:
+            raise bad(f"min_length must be >= 0, got {self.min_length}")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad(f"seed must be an integer, got {self.seed!r}")
+
+    def with_(self, **changes: Any) -> GenerationConfig:
+        """A copy with ``changes`` applied (``None`` values are ignored), validated."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass
+class ReplyStats:
+    """Figures for the last reply: what ``--verbose``, ``--json`` and ``/stats`` print."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # time to first token (prefill + first sample)
+    decode_s: float = 0.0  # time spent after the first token
+    total_s: float = 0.0
+    finish_reason: str = ""  # "stop" | "length" | "interrupted"
+    dropped_turns: int = 0
+    peak_memory_bytes: int | None = None  # CUDA only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def split_turns(messages: list[Message] | tuple[Message, ...]) -> tuple[str | None, list[tuple[str, str]], str]:
+    """Split a conversation into (system prompt, [(question, answer), ...], new question).
+
+    The conversation is an optional system message, alternating user/assistant messages, and a
+    final user message; anything else is a ``UsageError``.
+    """
+    msgs = list(messages)
+    system = None
+    if msgs and msgs[0].role == "system":
+        system = msgs.pop(0).content
+    if not msgs or msgs[-1].role != "user":
+        raise UsageError("the conversation must end with a user message")
+    history: list[tuple[str, str]] = []
+    body = msgs[:-1]
+    if len(body) % 2:
+        raise UsageError("the conversation must alternate user and assistant messages")
+    for q, r in zip(body[::2], body[1::2], strict=True):
+        if q.role != "user" or r.role != "assistant":
+            raise UsageError("the conversation must alternate user and assistant messages")
+        history.append((q.content, r.content))
+    return system, history, msgs[-1].content
+
+
+QUANT_ALIASES = {"16": 16, "fp16": 16, "bf16": 16, "none": 16, "8": 8, "int8": 8, "4": 4, "int4": 4}
+
+
+def parse_quant(value: int | str) -> int:
+    """``--quant`` value → 16, 8 or 4 (aliases fp16, int8, int4)."""
+    key = str(value).strip().lower()
+    if key not in QUANT_ALIASES:
+        raise UsageError(f"invalid --quant {value!r}; use 16, 8 or 4 (fp16, int8, int4)")
+    return QUANT_ALIASES[key]
