@@ -94,21 +94,11 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     try:
         path = snapshot_download(spec.hub_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
     except Exception as exc:  # hub errors are many and version-dependent
-        hint = "it is not in the local cache" if offline else f"download failed: {exc}"
+        hint = "it is not in the local cache" if offline else f"download failed: {_short(exc)}"
         raise CheckpointError(
             f"cannot get {spec.hub_id}: {hint}. Download it, or pass --model-path DIR"
         ) from None
     return Path(path)
-
-
-def cached_snapshot(spec: ModelSpec) -> Path | None:
-    """The cached directory for a preset, or None (never touches the network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
-    hit = try_to_load_from_cache(spec.hub_id, "config.json")
-    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def find_checkpoint(
@@ -314,7 +304,7 @@ def load(
         from llmchat.quant import prepare_model
 
         prepare_model(net, module.QUANT_LINEARS, bits, checkpoint_bits=ckpt_bits,
-                      dtype=torch_dtype, device=dev)
+                      dtype=torch_dtype, device=dev, skip=getattr(module, "quant_skip", None))
     load_weights(net, files, module.checkpoint_key, dtype=torch_dtype, device=dev,
                  progress=progress, keep_dtype=getattr(module, "keep_dtype", None))
     net.eval()
@@ -328,6 +318,7 @@ def load(
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
+    info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named for --verbose
     chat_cls: type[TransformerChatModel] = getattr(module, "ChatModelClass", TransformerChatModel)
     return chat_cls(spec, module, net, tokenizer, info)
 

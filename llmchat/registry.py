@@ -95,3 +95,13 @@ def detect(config: dict[str, Any]) -> ModelSpec:
         f"unsupported architecture ({what}); llmchat supports ChatGLM-6B, ChatGLM2-6B, "
         "VisualGLM-6B and Qwen-7B-Chat"
     )
+
+
+def cached_snapshot(spec: ModelSpec) -> Path | None:
+    """The cached directory for a preset, or None (never touches the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    hit = try_to_load_from_cache(spec.hub_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None

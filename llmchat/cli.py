@@ -1,0 +1,365 @@
+"""The ``llmchat`` command line: thin typed commands over ``loader.load`` and ``ChatModel``.
+
+Heavy imports (torch, the models, the REPL) happen inside the commands, so ``llmchat --help``
+and ``llmchat models`` start instantly. Only model text goes to stdout; errors, notices and
+timings go to stderr. Expected failures print one ``error:`` line and exit 1 (2 for usage);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from llmchat.errors import LLMChatError, UsageError
+from llmchat.types import GenerationConfig, Message, parse_quant
+
+if TYPE_CHECKING:
+    from llmchat.models.base import ChatModel
+
+
+class ExitCode(IntEnum):
+    SUCCESS = 0
+    ERROR = 1
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Chat locally with ChatGLM-6B, ChatGLM2-6B, VisualGLM-6B and Qwen-7B-Chat.",
+)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# -- shared options ------------------------------------------------------------------------------
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model name (see `llmchat models`); downloaded to the Hugging Face cache on first use.")]
+PathOpt = Annotated[str | None, typer.Option("--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; float32 on CPU, bfloat16 with --quant 8/4)")]
+QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")]
+TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy [default: the model's]")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass [default: the model's]")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables [default: the model's]")]
+RepOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="[default: the model's]")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Total context budget in tokens (prompt + reply) [default: the model's]")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+
+
+@dataclass
+class RunOptions:
+    model: str | None
+    model_path: str | None
+    device: str
+    dtype: str
+    quant: str
+    settings: dict[str, Any]
+    system: str | None
+    verbose: bool
+    debug: bool
+
+    def validate(self) -> None:
+        """Check every option before the (slow) model load."""
+        parse_quant(self.quant)
+        GenerationConfig().with_(**self.settings)
+        if self.system is not None and not self.system.strip():
+            raise UsageError("--system is empty")
+
+    def config(self, model: ChatModel) -> GenerationConfig:
+        return model.defaults.with_(**self.settings)
+
+
+def run_options(model: str | None, model_path: str | None, device: str, dtype: str, quant: str,
+                temperature: float | None, top_p: float | None, top_k: int | None,
+                repetition_penalty: float | None, max_new_tokens: int | None,
+                max_length: int | None, seed: int | None, system: str | None, verbose: bool,
+                debug: bool) -> RunOptions:
+    settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens,
+                "max_length": max_length, "seed": seed}
+    return RunOptions(model, model_path, device, dtype, quant,
+                      {k: v for k, v in settings.items() if v is not None}, system, verbose, debug)
+
+
+T = TypeVar("T")
+
+
+def guarded(debug: bool, fn: Callable[[], T]) -> T:
+    """Run ``fn``; turn expected failures into one stderr line and an exit code."""
+    try:
+        return fn()
+    except LLMChatError as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split())  # always one line
+        err_console().print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
+        code = ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.ERROR
+        raise typer.Exit(code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err_console().print("[dim]interrupted[/]")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except BrokenPipeError:
+        raise typer.Exit(ExitCode.SUCCESS) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug or an unforeseen environment problem
+        if debug:
+            raise
+        msg = " ".join(str(exc).split())
+        err_console().print(f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
+                            "(run with --debug for the traceback)")
+        raise typer.Exit(ExitCode.ERROR) from None
+
+
+@contextmanager
+def load_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar on stderr while the weights stream in (TTY only)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(),
+                  console=err_console(), transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatModel:
+    from llmchat.loader import load
+
+    name = opts.model or (None if opts.model_path else default_model)
+    with load_progress(sys.stderr.isatty()) as progress:
+        model = load(name, model_path=opts.model_path, quant=opts.quant, device=opts.device,
+                     dtype=opts.dtype, progress=progress)
+    if opts.system is not None and not model.supports_system:
+        raise UsageError(f"{model.name} has no system role; --system is not available")
+    if opts.verbose:
+        i = model.info
+        err_console().print(
+            f"[dim]{model.name} from {i.path}: {i.device}, {i.dtype}, quant {i.quant}"
+            f"{' (' + str(i.extra['quant_backend']) + ')' if 'quant_backend' in i.extra else ''}, "
+            f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
+            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]")
+    return model
+
+
+def stream_reply(model: ChatModel, messages: list[Message], config: GenerationConfig,
+                 *, out: Callable[[str], None] | None, verbose: bool) -> tuple[str, list[Message]]:
+    """Fit the history, stream one reply to ``out``; return (reply, kept messages)."""
+    kept, dropped = model.fit(messages, config)
+    if dropped:
+        err_console().print(f"[yellow]note:[/] dropped the {dropped} oldest turn(s) to fit the "
+                            f"context budget of {config.max_length} tokens")
+    parts = []
+    for delta in model.stream_chat(kept, config):
+        parts.append(delta)
+        if out is not None:
+            out(delta)
+    s = model.last_stats
+    if verbose:
+        err_console().print(
+            f"[dim]{s.prompt_tokens} prompt tokens, {s.completion_tokens} reply tokens, "
+            f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s "
+            f"({s.finish_reason})[/]")
+    return s.extra.get("reply", "".join(parts)), kept
+
+
+def write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def read_stdin() -> str | None:
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
+def one_shot(opts: RunOptions, question: str, *, as_json: bool, image: str | None = None,
+             default_model: str | None = None) -> None:
+    model = load_model(opts, default_model=default_model)
+    config = opts.config(model)
+    messages = [Message("system", opts.system)] if opts.system else []
+    messages.append(Message("user", question, image))
+    t0 = time.perf_counter()
+    reply, _ = stream_reply(model, messages, config, out=None if as_json else write_out,
+                            verbose=opts.verbose)
+    if as_json:
+        s, i = model.last_stats, model.info
+        print(json.dumps({
+            "model": model.name, "reply": reply, "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens, "seconds": round(time.perf_counter() - t0, 4),
+            "ttft_seconds": round(s.ttft_s, 4),
+            "decode_tokens_per_second": round(s.decode_tokens_per_s, 2),
+            "finish_reason": s.finish_reason, "device": i.device, "dtype": i.dtype,
+            "quant": i.quant, "config": config.to_dict(),
+        }, ensure_ascii=False))
+    else:
+        write_out("\n")
+
+
+def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> None:
+    """The scripting contract: one user message per stdin line, one reply line each."""
+    config = opts.config(model)
+    history = [Message("system", opts.system)] if opts.system else []
+    for raw in sys.stdin:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        msg = Message("user", line, image)
+        image = None  # attached once, to the first question
+        reply, kept = stream_reply(model, [*history, msg], config, out=write_out,
+                                   verbose=opts.verbose)
+        write_out("\n")
+        history = [*kept, Message("assistant", reply)]
+
+
+# -- commands -------------------------------------------------------------------------------------
+@app.command()
+def ask(
+    question: Annotated[str | None, typer.Argument(help="The question; stdin is prepended when piped.")] = None,
+    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
+    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the reply and figures")] = False,
+    verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Ask one question and stream the answer (scriptable: stdin, --json)."""
+    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
+                       repetition_penalty, max_new_tokens, max_length, seed, system, verbose, debug)
+
+    def run() -> None:
+        opts.validate()
+        piped = read_stdin()
+        parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
+        if not parts:
+            raise UsageError("empty question: pass it as an argument or on stdin")
+        one_shot(opts, "\n".join(parts), as_json=as_json, default_model="chatglm2-6b")
+
+    guarded(debug, run)
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
+    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    system: SystemOpt = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
+    verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
+    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
+                       repetition_penalty, max_new_tokens, max_length, seed, system, verbose, debug)
+    guarded(debug, lambda: interactive(opts, plain=plain, stats=stats))
+
+
+def interactive(opts: RunOptions, *, plain: bool, stats: bool, image: str | None = None,
+                default_model: str = "chatglm2-6b") -> None:
+    opts.validate()
+    chat_model = load_model(opts, default_model=default_model)
+    if sys.stdin is not None and sys.stdin.isatty():
+        from llmchat.repl import run_repl
+
+        code = run_repl(chat_model, opts.config(chat_model), system=opts.system, image=image,
+                        plain=plain, stats=stats or opts.verbose)
+        raise typer.Exit(code)
+    line_chat(opts, chat_model, image)
+
+
+@app.command()
+def image(
+    path: Annotated[str, typer.Argument(help="Image file (JPEG, PNG, ...)")],
+    question: Annotated[str | None, typer.Argument(help="Question; without it, a chat about the image")] = None,
+    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
+    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of Markdown")] = False,
+    verbose: VerboseOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Chat about a picture with VisualGLM-6B."""
+    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
+                       repetition_penalty, max_new_tokens, max_length, seed, None, verbose, debug)
+
+    def run() -> None:
+        opts.validate()
+        from llmchat.models.visualglm import check_image
+
+        check_image(path)
+        if question is not None:
+            if not question.strip():
+                raise UsageError("empty question")
+            one_shot(opts, question.strip(), as_json=as_json, image=path,
+                     default_model="visualglm-6b")
+        else:
+            interactive(opts, plain=plain, stats=False, image=path, default_model="visualglm-6b")
+
+    guarded(debug, run)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """List the supported models, their hub ids, and which are in the local cache."""
+    from llmchat.registry import cached_snapshot
+    from llmchat.registry import models as all_models
+
+    rows = []
+    for spec in all_models().values():
+        cached = cached_snapshot(spec)
+        rows.append({"name": spec.name, "aliases": list(spec.aliases), "hub_id": spec.hub_id,
+                     "images": spec.supports_images, "memory_gb": spec.memory_gb,
+                     "cached": str(cached) if cached else None, "description": spec.description})
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
+        table.add_column(col)
+    for r in rows:
+        mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
+        table.add_row(r["name"], ", ".join(r["aliases"]), r["hub_id"], mem,
+                      "[green]yes[/]" if r["cached"] else "[dim]no[/]")
+    Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # `llmchat ask ... | head`
+        sys.stderr.close()
+        sys.exit(ExitCode.SUCCESS)
