@@ -1,0 +1,473 @@
+"""The interactive chat loop: ``run_repl`` with injected input, a slash-command table, Ctrl-C rules.
+
+The loop is pure over its inputs: ``read(prompt)`` (``input()`` semantics: ``EOFError`` on Ctrl-D,
+``KeyboardInterrupt`` on Ctrl-C) and a ``ChatUI`` for every byte of output (see ``llmchat.ui`` for
+how replies stream). History is a ``list[Message]`` whose first item is the system message, if
+any. A turn enters the history only once its reply has finished, so a reply stopped with Ctrl-C
+or failed by the model leaves no trace; settings changed with ``/set`` apply to the next reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmchat.errors import ImageError, LLMChatError, UsageError
+from llmchat.types import GenerationConfig, Message
+from llmchat.ui import ChatUI, PromptReader
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from llmchat.models.base import ChatModel
+
+Read = Callable[[str], str]
+DOUBLE_CTRL_C_S = 1.0
+CONVERSATION_FORMAT = "llmchat.conversation"
+# /set KEY VALUE: the parser for each setting; "none" clears the optional ones.
+SETTINGS: dict[str, type] = {
+    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
+    "max_new_tokens": int, "max_length": int, "min_length": int, "seed": int,
+}
+OPTIONAL = {"max_new_tokens", "seed"}
+
+
+def data_dir() -> Path:
+    """Where history and saved chats live: ``$LLMCHAT_HOME``, else the platform's data dir."""
+    if home := os.environ.get("LLMCHAT_HOME"):
+        return Path(home).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "llmchat"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "llmchat"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "llmchat"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and ``os.replace``: all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_conversation(path: Path) -> list[Message]:
+    """Messages from a ``/save`` file, validated (system first, then user/assistant pairs)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from None
+    raw = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(raw, list):
+        raise UsageError(f"{path} is not an llmchat conversation (no 'messages' list)")
+    msgs = [Message.from_dict(d) for d in raw]
+    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
+    for i, m in enumerate(body):
+        if m.role != ("user", "assistant")[i % 2]:
+            raise UsageError(f"{path}: message {i + 1} should be a "
+                             f"{('user', 'assistant')[i % 2]} message, not {m.role}")
+        if m.image and not Path(m.image).is_file():
+            raise UsageError(f"{path}: image {m.image} not found")
+    if len(body) % 2:
+        raise UsageError(f"{path}: the last question has no answer")
+    return msgs
+
+
+def clipboard_command() -> list[str] | None:
+    """A clipboard writer that exists here, or None."""
+    cands: list[list[str]] = [["pbcopy"]] if sys.platform == "darwin" else []
+    if os.environ.get("WAYLAND_DISPLAY"):
+        cands.append(["wl-copy"])
+    if os.environ.get("DISPLAY"):
+        cands += [["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]]
+    cands += [["clip.exe"], ["clip"]] if sys.platform in ("win32", "cygwin") else [["clip.exe"]]
+    return next((c for c in cands if shutil.which(c[0])), None)
+
+
+@contextlib.contextmanager
+def _one_interrupt() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt once; more presses while we clean up are swallowed."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    fired = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: keep Python's default behaviour
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Repl, str], bool | None]  # returns False to end the session
+    usage: str
+    help: str
+
+
+class Repl:
+    """One chat session: history, settings and the command table."""
+
+    def __init__(self, model: ChatModel, config: GenerationConfig, ui: ChatUI, read: Read, *,
+                 stats: bool = False) -> None:
+        self.model, self.config, self.ui, self.read = model, config, ui, read
+        self.messages: list[Message] = []
+        self.image: str | None = None  # attached to the next user message
+        self.show_stats = stats
+        self.prefill = ""  # text to put back into the next prompt
+        self.clock: Callable[[], float] = time.monotonic
+        try:
+            self._takes_default = "default" in inspect.signature(read).parameters
+        except (TypeError, ValueError):
+            self._takes_default = False
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> int:
+        last_ctrl_c = -1e9
+        while True:
+            try:
+                text, is_command = self.read_message()
+                last_ctrl_c = -1e9
+                if not self.dispatch(text, is_command):
+                    return 0
+            except KeyboardInterrupt:  # at the prompt (a reply handles its own)
+                if self.clock() - last_ctrl_c < DOUBLE_CTRL_C_S:
+                    return 0
+                last_ctrl_c = self.clock()
+                self.ui.note("(Ctrl-C again to quit, or Ctrl-D, /exit; Ctrl-C stops a reply)")
+            except EOFError:
+                return 0
+
+    def dispatch(self, text: str, is_command: bool) -> bool:
+        """Run one command or ask one question; False ends the session."""
+        if is_command:
+            name, *rest = text.split(maxsplit=1)
+            cmd = COMMANDS.get(name.lower())
+            if cmd is None:
+                self.ui.error(f"Unknown command '{name}'. Type /help.")
+                return True
+            return cmd.run(self, rest[0].strip() if rest else "") is not False
+        if text:
+            self.ask(text, image=self.image)
+        return True
+
+    def _read(self, prompt: str) -> str:
+        default, self.prefill = self.prefill, ""
+        if default and self._takes_default:
+            return self.read(prompt, default=default)  # type: ignore[call-arg]
+        if default:
+            self.ui.note(f"Last question: {default}")
+        return self.read(prompt)
+
+    def read_message(self) -> tuple[str, bool]:
+        """One message (``\"\"\"`` … ``\"\"\"`` spans lines) and whether it is a /command."""
+        line = self._read("[image] >>> " if self.image else ">>> ").strip()
+        if line.startswith('"""'):
+            first = line[3:]
+            if len(first) >= 3 and first.endswith('"""'):  # """one line"""
+                return first[:-3].strip(), False
+            parts = [first]
+            while not (nxt := self._read("... ").rstrip()).endswith('"""'):
+                parts.append(nxt)
+            parts.append(nxt[:-3])
+            return "\n".join(parts).strip(), False
+        if line.startswith("//"):  # "//etc/hosts?" sends "/etc/hosts?"
+            return line[1:], False
+        return line, line.startswith("/")
+
+    def ask(self, question: str, *, image: str | None = None,
+            base: list[Message] | None = None) -> bool:
+        """Send one question; on success the turn (replacing ``base``'s tail) enters history."""
+        base = self.messages if base is None else base
+        with _one_interrupt():
+            try:
+                kept, dropped = self.model.fit([*base, Message("user", question, image)],
+                                               self.config)
+                if dropped:
+                    self.ui.warn(f"Context budget of {self.config.max_length} tokens reached: "
+                                 f"dropped the {dropped} oldest turn(s) from the conversation.")
+                with self.ui.reply() as out:
+                    stream = self.model.stream_chat(kept, self.config)
+                    try:
+                        for delta in stream:
+                            out.push(delta)
+                    finally:
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()
+                    reply = out.text
+            except KeyboardInterrupt:
+                self.ui.note("Interrupted: this turn is not kept in the history.")
+                self.image = image
+                return False
+            except Exception as exc:
+                if not isinstance(exc, LLMChatError) and type(exc).__name__ != "OutOfMemoryError":
+                    raise
+                self.ui.error(f"error: {exc}".splitlines()[0])
+                self.prefill, self.image = question, image
+                return False
+        self.messages = [*kept, Message("assistant", reply)]
+        self.image = None
+        if self.show_stats:
+            self.ui.stats(self.model.last_stats)
+        return True
+
+    def last_turn(self) -> Message | None:
+        """The last user message, when the history ends with a complete turn."""
+        if len(self.messages) >= 2 and self.messages[-1].role == "assistant":
+            return self.messages[-2]
+        return None
+
+    # -- commands ---------------------------------------------------------------------------
+    def cmd_help(self, arg: str) -> None:
+        self.ui.table([(c.usage, c.help) for c in COMMANDS.values()], title="Commands")
+        self.ui.note('Multi-line: paste, Alt+Enter (or Esc Enter), or wrap in """. '
+                     "Ctrl-C stops a reply; Ctrl-D quits. '//text' sends '/text'.")
+
+    def cmd_exit(self, arg: str) -> bool:
+        return False
+
+    def cmd_clear(self, arg: str) -> None:
+        self.messages = [m for m in self.messages if m.role == "system"]
+        self.image = None
+        kept = " (the system prompt is kept)" if self.messages else ""
+        self.ui.note(f"Conversation cleared{kept}.")
+
+    def cmd_history(self, arg: str) -> None:
+        self.ui.history(self.messages)
+
+    def cmd_undo(self, arg: str) -> None:
+        if (q := self.last_turn()) is None:
+            self.ui.note("Nothing to undo.")
+            return
+        del self.messages[-2:]
+        self.ui.note(f"Removed the last turn: {q.content[:60]}")
+
+    def cmd_regen(self, arg: str) -> None:
+        if (q := self.last_turn()) is None:
+            self.ui.note("Nothing to regenerate.")
+            return
+        self.ask(q.content, image=q.image, base=self.messages[:-2])
+
+    def cmd_retry(self, arg: str) -> None:
+        if (q := self.last_turn()) is None:
+            self.ui.note("Nothing to retry.")
+            return
+        del self.messages[-2:]
+        self.prefill, self.image = q.content, q.image
+        self.ui.note("The last turn was removed; edit the question and press Enter.")
+
+    def cmd_system(self, arg: str) -> None:
+        if not self.model.supports_system:
+            self.ui.error(f"{self.model.name} has no system role, so /system is not available.")
+            return
+        has = bool(self.messages) and self.messages[0].role == "system"
+        if not arg:
+            self.ui.note(f"System prompt: {self.messages[0].content}" if has
+                         else "No system prompt. Set one with /system TEXT.")
+            return
+        self.messages[:int(has)] = [Message("system", arg)]
+        self.ui.note("System prompt set.")
+
+    def cmd_set(self, arg: str) -> None:
+        parts = arg.split(maxsplit=1)
+        key, value = (parts[0].lower(), parts[1].strip()) if len(parts) == 2 else ("", "")
+        if not value:
+            self.ui.error(f"Usage: /set KEY VALUE, with KEY one of {', '.join(SETTINGS)}.")
+            return
+        if key not in SETTINGS:
+            self.ui.error(f"Unknown setting '{key}'; settable: {', '.join(SETTINGS)}.")
+            return
+        kind = SETTINGS[key]
+        parsed: Any
+        if key in OPTIONAL and value.lower() in ("none", "off", "random"):
+            parsed = None
+        else:
+            try:  # int()/float() only: typed parsing, never eval
+                parsed = kind(value)
+            except ValueError:
+                noun = "an integer" if kind is int else "a number"
+                self.ui.error(f"{key} needs {noun}, got {value!r}.")
+                return
+        try:
+            self.config = dataclasses.replace(self.config, **{key: parsed})
+        except UsageError as exc:
+            self.ui.error(str(exc))
+            return
+        self.ui.note(f"{key} = {'none' if parsed is None else parsed}")
+
+    def cmd_show(self, arg: str) -> None:
+        try:
+            used: int | None = self.model.count_tokens([*self.messages, Message("user", "")])
+        except (LLMChatError, ValueError):
+            used = None
+        self.ui.settings(self.model.name, self.model.info, self.config, used)
+
+    def cmd_stats(self, arg: str) -> None:
+        self.show_stats = not self.show_stats
+        self.ui.note(f"Per-reply stats {'on' if self.show_stats else 'off'}.")
+
+    def cmd_save(self, arg: str) -> None:
+        if arg:
+            path = Path(arg).expanduser()
+        else:
+            path = data_dir() / "chats" / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"format": CONVERSATION_FORMAT, "version": 1, "model": self.model.name,
+               "saved_at": datetime.now().isoformat(timespec="seconds"),
+               "messages": [m.to_dict() for m in self.messages]}
+        try:
+            write_atomic(path, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+        except OSError as exc:
+            self.ui.error(f"Cannot save to {path}: {exc.strerror or exc}")
+            return
+        self.ui.note(f"Saved {len(self.messages)} messages to {path}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            self.ui.error("Usage: /load FILE")
+            return
+        try:
+            msgs = load_conversation(Path(arg).expanduser())
+            if msgs and msgs[0].role == "system" and not self.model.supports_system:
+                raise UsageError(f"{arg} has a system prompt and {self.model.name} has no "
+                                 "system role")
+            if any(m.image for m in msgs) and not self.model.supports_images:
+                raise ImageError(f"{arg} has images and {self.model.name} does not take images")
+        except LLMChatError as exc:
+            self.ui.error(f"Cannot load: {exc}")
+            return
+        self.messages, self.image = msgs, None
+        self.ui.note(f"Loaded {sum(m.role == 'user' for m in msgs)} turns from {arg}")
+
+    def cmd_copy(self, arg: str) -> None:
+        if not self.messages or self.messages[-1].role != "assistant":
+            self.ui.note("Nothing to copy yet.")
+            return
+        cmd = clipboard_command()
+        if cmd is None:
+            self.ui.error("No clipboard tool found (pbcopy, wl-copy, xclip, xsel or clip.exe); "
+                          "nothing was copied.")
+            return
+        text = self.messages[-1].content
+        data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
+        try:
+            subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.ui.error(f"{cmd[0]} failed: {exc}")
+            return
+        self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+
+    def cmd_image(self, arg: str) -> None:
+        if not self.model.supports_images:
+            self.ui.error("This model does not support images")
+            return
+        if not arg:
+            self.ui.note(f"Next message's image: {self.image}" if self.image
+                         else "Usage: /image PATH (attached to your next message)")
+            return
+        path = Path(arg).expanduser()
+        notes: list[Any] = []
+        try:
+            try:  # VisualGLM validates images itself when it can
+                from llmchat.models.visualglm import check_image
+            except ImportError:
+                if not path.is_file():
+                    raise ImageError(f"{path} is not a file") from None
+            else:
+                notes = getattr(check_image(path), "notes", None) or []
+        except LLMChatError as exc:
+            self.ui.error(f"Cannot use this image: {exc}")
+            return
+        self.image = str(path.resolve())
+        self.ui.note(f"Image attached to your next message: {self.image}")
+        for note in notes:
+            self.ui.note(str(note))
+
+
+COMMANDS: dict[str, Command] = {
+    "/help": Command(Repl.cmd_help, "/help", "this list"),
+    "/clear": Command(Repl.cmd_clear, "/clear", "forget the conversation, keep the system prompt"),
+    "/history": Command(Repl.cmd_history, "/history", "show the conversation"),
+    "/undo": Command(Repl.cmd_undo, "/undo", "drop the last question and answer"),
+    "/regen": Command(Repl.cmd_regen, "/regen", "answer the last question again"),
+    "/retry": Command(Repl.cmd_retry, "/retry", "edit the last question and ask again"),
+    "/system": Command(Repl.cmd_system, "/system [TEXT]", "show or set the system prompt"),
+    "/set": Command(Repl.cmd_set, "/set KEY VALUE", "change a setting: " + ", ".join(SETTINGS)),
+    "/show": Command(Repl.cmd_show, "/show", "model, settings and context used"),
+    "/stats": Command(Repl.cmd_stats, "/stats", "toggle speed and token figures after replies"),
+    "/save": Command(Repl.cmd_save, "/save [FILE]", "save the conversation as JSON"),
+    "/load": Command(Repl.cmd_load, "/load FILE", "continue a saved conversation"),
+    "/copy": Command(Repl.cmd_copy, "/copy", "copy the last reply to the clipboard"),
+    "/image": Command(Repl.cmd_image, "/image PATH", "attach an image to the next message"),
+    "/exit": Command(Repl.cmd_exit, "/exit", "quit (also /bye, /quit, Ctrl-D)"),
+    "/bye": Command(Repl.cmd_exit, "/bye", "quit"),
+    "/quit": Command(Repl.cmd_exit, "/quit", "quit"),
+}
+
+
+def _default_read(history_file: Path | None) -> Read:
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return PromptReader(history_file, {k: c.help for k, c in COMMANDS.items()},
+                            list(SETTINGS))
+    return input  # piped input (forced REPL): no line editing to offer
+
+
+def run_repl(model: ChatModel, config: GenerationConfig, *, system: str | None = None,
+             image: str | os.PathLike[str] | None = None, plain: bool = False,
+             stats: bool = False, read: Read | None = None, console: Console | None = None,
+             history_file: Path | None = None) -> int:
+    """Run the interactive chat until the user quits; returns the exit status (0).
+
+    Args:
+        system: initial system prompt (models with a system role).
+        image: image for the first message (VisualGLM).
+        read: ``input``-like reader (tests); default prompt_toolkit on a terminal.
+        history_file: input history; default ``data_dir()/history``.
+    """
+    ui = ChatUI(console, plain=plain)
+    if read is None:
+        read = _default_read(history_file or data_dir() / "history")
+    repl = Repl(model, config, ui, read, stats=stats)
+    ui.header(model.name, model.info, config.max_length)
+    if system:
+        repl.cmd_system(system)
+    if image is not None:
+        repl.cmd_image(os.fspath(image))
+    return repl.run()
