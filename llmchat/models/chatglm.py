@@ -1,0 +1,422 @@
+"""ChatGLM-6B (THUDM/chatglm-6b, GLM v1), native PyTorch. Also the language model of VisualGLM-6B.
+
+Departures from a standard pre-norm decoder (REFERENCE.md §2, hub revision 8b7d335):
+
+* LayerNorm with bias, and a DeepNorm-style residual taken from the *normalised* input:
+  ``a = LN1(x); h = a*alpha + attn(a); m = LN2(h); out = m*alpha + mlp(m)``.
+* The fused ``query_key_value`` is interleaved per head: head h owns rows ``[q_h; k_h; v_h]``.
+* 2D rotary positions: dims 0..D/2 of each head rotate by ``position_ids`` and dims D/2..D by
+  ``block_position_ids``, both half-split (rotate_half) style.
+* Prefix-LM: the prompt up to ``<sop>`` attends bidirectionally, generation is causal. The
+  model builds positions and mask itself from the ids (``[gMASK]``/``[MASK]`` and ``<sop>``) and
+  the cache state, so the generic generator needs to know nothing about them.
+* Attention scales q by 1/(sqrt(D)*(layer+1)), fills masked scores with -10000, then multiplies
+  by (layer+1) in fp32 before the softmax — kept as is so fp16 runs round like upstream.
+* tanh-GELU MLP; ``lm_head`` is tied to the word embeddings.
+
+Departure: the RoPE angles are computed in fp32 (from the fp16-rounded ``inv_freq``, as upstream).
+Upstream's fp16 path also rounds ``position * inv_freq`` to fp16, which is off by up to ~0.5 rad
+near position 2000; in fp32 both agree exactly.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmchat.cache import KVCache
+from llmchat.errors import UnsupportedCheckpointError
+from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
+from llmchat.types import Message, split_turns
+
+# Upstream GLMBlock defaults num_layers=28 and ChatGLMModel never passes the real count, so the
+# residual scale is sqrt(2*28) for every checkpoint, tiny test models included.
+ALPHA = math.sqrt(2 * 28)
+
+CURRENT_REVISION = (
+    "the current THUDM/chatglm-6b hub revision is needed (vocab_size 130528, ice_text.model "
+    "sha256 5e974d9a…816f17e); the pre-April-2023 files (vocab 150528, ids offset by 20000) "
+    "are not supported"
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 130528
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_heads: int = 32
+    inner_hidden_size: int = 16384
+    eps: float = 1e-5
+    max_sequence_length: int = 2048
+    mask_token_id: int = 130000
+    gmask_token_id: int = 130001
+    bos_token_id: int = 130004  # <sop>: the context ends before it
+    eos_token_id: int = 130005  # <eop>
+    quantization_bit: int = 0
+
+    # config.json key -> field
+    _HF_KEYS = {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "num_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "inner_hidden_size": "inner_hidden_size",
+        "layernorm_epsilon": "eps",
+        "max_sequence_length": "max_sequence_length",
+        "mask_token_id": "mask_token_id",
+        "gmask_token_id": "gmask_token_id",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "quantization_bit": "quantization_bit",
+    }
+    # Token ids are fixed by ice_text.model. Upstream's class defaults, which apply when
+    # config.json omits a key, are the old revision's: vocab and ids 20000 higher.
+    _TOKEN_KEYS = ("mask_token_id", "gmask_token_id", "bos_token_id", "eos_token_id")
+    _OLD_OFFSET = 20000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> Config:
+        def unsupported(what: str) -> UnsupportedCheckpointError:
+            return UnsupportedCheckpointError(f"unsupported ChatGLM-6B config: {what}")
+
+        for key in ("hidden_size", "num_layers", "num_attention_heads"):
+            if key not in hf:
+                raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+        vocab = hf.get("vocab_size", cls.vocab_size + cls._OLD_OFFSET)
+        ids = {k: hf.get(k, getattr(cls, k) + cls._OLD_OFFSET) for k in cls._TOKEN_KEYS}
+        if vocab >= 150000 or any(v >= 150000 for v in ids.values()):
+            raise UnsupportedCheckpointError(f"old ChatGLM-6B checkpoint: {CURRENT_REVISION}")
+        for key in cls._TOKEN_KEYS:
+            if ids[key] != (want := getattr(cls, key)):
+                raise unsupported(f"{key} must be {want} (the ice_text.model id), got {ids[key]}")
+        if not hf.get("position_encoding_2d", True):
+            raise unsupported("position_encoding_2d must be true")
+        if hf.get("pre_seq_len"):
+            raise unsupported("P-tuning checkpoints (pre_seq_len) are not supported")
+        if hf.get("quantization_embeddings"):
+            raise unsupported("quantized embeddings (quantization_embeddings) are not supported")
+        kw: dict[str, Any] = {}
+        for src, dst in cls._HF_KEYS.items():
+            if hf.get(src) is not None:
+                kw[dst] = hf[src]
+        kw.setdefault("inner_hidden_size", 4 * kw["hidden_size"])
+        cfg = cls(**kw)
+        if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
+            raise unsupported("hidden_size / num_attention_heads must be a multiple of 4")
+        return cfg
+
+
+# -- positions, mask and rotary ----------------------------------------------------------------
+def glm_positions(
+    input_ids: Tensor, cfg: Config, cache: KVCache | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Position ids (B, T), block position ids (B, T) and the mask (B, 1, T, S), True = masked.
+
+    At prefill (no cache or an empty one) the context is everything before ``<sop>``: it gets
+    positions 0.., is visible to every query, and ``<sop>`` plus later tokens sit at the
+    ``[gMASK]`` position with block positions 1, 2, ... Cached steps continue the block
+    positions from ``cache.meta``. Returns None for the mask when nothing is masked.
+    """
+    b, t = input_ids.shape
+    dev = input_ids.device
+    ar = torch.arange(t, device=dev)
+    if cache is None or cache.offset == 0:
+        has_g = (input_ids == cfg.gmask_token_id).any(dim=1)
+        mark = torch.where(
+            has_g[:, None], input_ids == cfg.gmask_token_id, input_ids == cfg.mask_token_id
+        )  # (B, T)
+        sop = input_ids == cfg.bos_token_id
+        if not (mark.any(dim=1).all() and sop.any(dim=1).all()):
+            raise ValueError("ChatGLM-6B input needs a [gMASK] or [MASK] and a <sop> token")
+        mask_pos = mark.int().argmax(dim=1)  # first occurrence, (B,)
+        ctx = sop.int().argmax(dim=1)  # context length = index of <sop>, (B,)
+        after = ar[None, :] >= ctx[:, None]  # (B, T)
+        pos = torch.where(after, mask_pos[:, None], ar[None, :])
+        block = (ar[None, :] - ctx[:, None] + 1).clamp(min=0)
+        # causal, except that context columns are visible to every row
+        masked = (ar[None, None, :] > ar[None, :, None]) & (ar[None, None, :] >= ctx[:, None, None])
+        if cache is not None:
+            cache.meta.update(mask_position=mask_pos, block_position=block[:, -1])
+        return pos, block, masked[:, None]  # mask (B, 1, T, T)
+    if "mask_position" not in cache.meta:
+        raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
+    mask_pos, last = cache.meta["mask_position"], cache.meta["block_position"]
+    pos = mask_pos[:, None].expand(b, t)
+    block = last[:, None] + 1 + ar[None, :]
+    cache.meta["block_position"] = block[:, -1]
+    if t == 1:
+        return pos, block, None  # a single new token sees everything
+    s = cache.offset + t
+    masked = torch.arange(s, device=dev)[None, :] > (cache.offset + ar)[:, None]  # (T, S)
+    return pos, block, masked[None, None].expand(b, 1, t, s)
+
+
+def rope_cos_sin(pos: Tensor, block: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (B, 1, T, D): the first D/2 for ``pos``, the last D/2 for ``block``."""
+    rot = head_dim // 2
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=pos.device).float() / rot)
+    inv_freq = inv_freq.half().float()  # upstream stores inv_freq in fp16
+    both = torch.stack((pos, block), dim=-1).float()  # (B, T, 2)
+    freqs = both[..., None] * inv_freq  # (B, T, 2, rot/2)
+    emb = torch.cat((freqs, freqs), dim=-1).flatten(-2)  # (B, T, D): [p | p | b | b] halves
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each D/2 half of x (B, H, T, D) in rotate_half style: pairs (j, j + D/4)."""
+    dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # upstream math in fp16/fp32
+    xc, cos, sin = x.to(dt), cos.to(dt), sin.to(dt)
+    q = x.shape[-1] // 4
+    x1, x2, x3, x4 = xc.split(q, dim=-1)
+    rotated = torch.cat((-x2, x1, -x4, x3), dim=-1)  # rotate_half within each half
+    return (xc * cos + rotated * sin).to(x.dtype)
+
+
+# -- modules -----------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Config, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        b, t, _ = x.shape
+        h, d = self.cfg.num_heads, self.cfg.head_dim
+        qkv = self.query_key_value(x).view(b, t, h, 3 * d)  # per head [q_h; k_h; v_h]
+        q, k, v = (y.transpose(1, 2) for y in qkv.split(d, dim=-1))  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, S, D)
+        coeff = float(self.layer + 1)
+        scores = (q / (math.sqrt(d) * coeff)) @ k.transpose(-1, -2)  # (B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(mask, -10000.0)
+        probs = (scores.float() * coeff).softmax(dim=-1).to(v.dtype)
+        out = probs @ v  # (B, H, T, D)
+        return self.dense(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size, bias=True)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # upstream's jit-scripted tanh-GELU formula; the fused kernel rounds once, as here
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.attention = SelfAttention(cfg, layer)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        a = self.input_layernorm(x)
+        h = a * ALPHA + self.attention(a, cos, sin, mask, cache)  # residual on the normalised a
+        m = self.post_attention_layernorm(h)
+        return m * ALPHA + self.mlp(m)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+
+
+class Model(nn.Module):
+    """Parameter names equal the checkpoint keys; ``lm_head`` is the word-embedding matrix."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.max_positions: int | None = cfg.max_sequence_length  # the trained context
+
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_heads, c.head_dim, max_len, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        *,
+        input_embeds: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) when ``last_only``.
+
+        ``input_ids`` (B, T) always set the positions and mask; ``input_embeds`` (B, T, hidden),
+        when given, replace the word-embedding lookup (VisualGLM splices image features there).
+        """
+        tr = self.transformer
+        pos, block, mask = glm_positions(input_ids, self.config, cache)
+        cos, sin = rope_cos_sin(pos, block, self.config.head_dim)
+        x = tr.word_embeddings(input_ids) if input_embeds is None else input_embeds  # (B, T, hid)
+        for layer in tr.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(tr.final_layernorm(x), tr.word_embeddings.weight)  # tied lm_head
+
+
+def checkpoint_key(key: str) -> str | None:
+    """Checkpoint key -> parameter name; the tied ``lm_head`` and rotary buffers are dropped."""
+    if key == "lm_head.weight" or key.endswith("rotary_emb.inv_freq"):
+        return None
+    return key
+
+
+QUANT_LINEARS = (
+    "attention.query_key_value",
+    "attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+TOKENIZER_FILE = "ice_text.model"
+MAX_BLANK = 80
+
+
+class ChatGLMTokenizer:
+    """sentencepiece ``ice_text.model`` with upstream's newline/tab/space-run pre-processing.
+
+    Ids are the raw sentencepiece ids: the special pieces live inside the model file.
+    """
+
+    PIECES = {
+        "[MASK]": 130000,
+        "[gMASK]": 130001,
+        "<sop>": 130004,
+        "<eop>": 130005,
+        "<n>": 4,
+        "<|tab|>": 130008,
+        "<|blank_80|>": 130087,
+    }
+
+    def __init__(self, path: Path) -> None:
+        self.sp = load_sentencepiece(path)
+        for piece, want in self.PIECES.items():
+            if self.sp.piece_to_id(piece) != want:
+                raise UnsupportedCheckpointError(
+                    f"{path.name}: unexpected tokenizer; {CURRENT_REVISION}"
+                )
+        self.mask_id, self.gmask_id = 130000, 130001
+        self.sop_id, self.eos_id, self.pad_id = 130004, 130005, 3
+        self._n = self.sp.vocab_size()
+
+    @staticmethod
+    def preprocess(text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(MAX_BLANK, 1, -1):  # longest runs first
+            text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    @staticmethod
+    def postprocess(text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        for n in range(2, MAX_BLANK + 1):
+            text = text.replace(f"<|blank_{n}|>", " " * n)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(self.preprocess(text)))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # control pieces (<sop>, <eop>, ...) decode to nothing; pad and ids past the
+        # tokenizer (the embedding has 130528 rows for 130344 pieces) are dropped
+        keep = [i for i in ids if 0 <= i < self._n and i != self.pad_id]
+        return self.postprocess(str(self.sp.decode(keep)))
+
+
+def load_tokenizer(model_dir: Path) -> ChatGLMTokenizer:
+    cfg = Path(model_dir) / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            image_tokens = json.loads(cfg.read_text(encoding="utf-8")).get("num_image_tokens", 0)
+        except (OSError, ValueError, AttributeError):
+            image_tokens = 0  # the file is optional; the piece check below still applies
+        if image_tokens:
+            raise UnsupportedCheckpointError(
+                f"tokenizer_config.json has num_image_tokens={image_tokens}: {CURRENT_REVISION}"
+            )
+    return ChatGLMTokenizer(Path(model_dir) / TOKENIZER_FILE)
+
+
+# -- chat format -------------------------------------------------------------------------------
+def build_prompt(messages: Sequence[Message]) -> str:
+    """The bare query without history, else ``[Round i]\\n问：q\\n答：r\\n`` per turn from i = 0."""
+    _, history, query = split_turns(list(messages))
+    if not history:
+        return query
+    parts = [f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history)]
+    parts.append(f"[Round {len(history)}]\n问：{query}\n答：")
+    return "".join(parts)
+
+
+def encode_messages(tok: ChatGLMTokenizer, messages: Sequence[Message]) -> list[int]:
+    """The template's tokens followed by ``[gMASK] <sop>`` (upstream appends the two)."""
+    return [*tok.encode(build_prompt(messages)), tok.gmask_id, tok.sop_id]
+
+
+TRAINING_TIME = "[[训练时间]]"
+PUNCT = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
+_CJK = "[\u4e00-\u9fff]"
+
+
+def postprocess(text: str) -> str:
+    """Upstream ``process_response``: strip, fill in the training time, and make ``,!:;?``
+    full-width where a CJK character precedes or follows them (one regex pass for each side)."""
+    text = text.strip().replace(TRAINING_TIME, "2023年")
+    for ascii_mark, wide in PUNCT:
+        mark = re.escape(ascii_mark)
+        text = re.sub(f"({_CJK}){mark}", rf"\g<1>{wide}", text)
+        text = re.sub(f"{mark}({_CJK})", rf"{wide}\g<1>", text)
+    return text
+
+
+def holdback(text: str) -> int:
+    """A trailing ASCII mark may still turn full-width; a partial placeholder may still change."""
+    mark = 1 if text and text[-1] in ",!:;?" else 0
+    return max(mark, partial_suffix_len(text, TRAINING_TIME))
+
+
+def stop_ids(tok: ChatGLMTokenizer) -> frozenset[int]:
+    return frozenset({tok.eos_id})
+
+
+INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
+SUPPORTS_SYSTEM = False
