@@ -356,6 +356,54 @@ def models(
     Console().print(table)
 
 
+@app.command()
+def bench(
+    model: ModelOpt = None, model_path: PathOpt = None,
+    random: Annotated[str | None, typer.Option("--random", help="Build a full-size random-weight model of this preset (no download), e.g. chatglm2-6b")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", help="With --random: keep only this many layers (same widths)")] = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", quant: QuantOpt = "16",
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=2, help="Prompt length")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens to decode")] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure prefill and decode speed, memory and achieved bandwidth."""
+
+    def run() -> None:
+        if not (model or model_path or random):
+            raise UsageError("give --model, --model-path or --random SHAPE")
+        if layers is not None and (not random or layers < 1):
+            raise UsageError("--layers needs --random and a positive count")
+        from llmchat.bench import run as run_bench
+
+        r = run_bench(model, model_path=model_path, random_shape=random, quant=quant,
+                      device=device, dtype=dtype, prompt_tokens=prompt_tokens,
+                      new_tokens=new_tokens, layers=layers)
+        if as_json:
+            print(json.dumps(r.to_dict()))
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
+                  f"{r.extra.get('layers')} layers · {r.threads} threads", box=None)
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in (("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
+                     ("time to first token", f"{r.ttft_ms:,.1f} ms"),
+                     ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
+                     ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
+                     ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
+                     ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
+                     ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
+                     ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
+                     ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
+                     ("decode path", r.decode_path)):
+            t.add_row(k, v)
+        Console().print(t)
+
+    guarded(debug, run)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -45,9 +45,12 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, -float("inf"))
 
 
-def guard_invalid(logits: Tensor, fallback_id: int) -> Tensor:
-    """ChatGLM's InvalidScoreLogitsProcessor: on nan/inf, zero everything and favour one id."""
-    if torch.isnan(logits).any() or torch.isinf(logits).any():
+def guard_invalid(logits: Tensor, fallback_id: int, *, check_inf: bool = True) -> Tensor:
+    """ChatGLM's InvalidScoreLogitsProcessor: on nan/inf, zero everything and favour one id.
+
+    ``check_inf=False`` is VisualGLM's variant (nan only), which lets min-length's -inf through.
+    """
+    if torch.isnan(logits).any() or (check_inf and torch.isinf(logits).any()):
         logits = torch.zeros_like(logits)
         logits[..., fallback_id] = 5e4
     return logits
@@ -61,6 +64,7 @@ def make_sampler(
     *,
     eos_ids: Sequence[int] = (),
     invalid_fallback_id: int | None = None,
+    invalid_check_inf: bool = True,
     device: torch.device | str = "cpu",
 ) -> Sampler:
     """Build ``sample(logits (V,) float32, seen_ids (N,) long, length) -> token id``.
@@ -80,7 +84,7 @@ def make_sampler(
         if length < config.min_length and eos.numel():
             logits = logits.index_fill(-1, eos, -float("inf"))
         if invalid_fallback_id is not None:
-            logits = guard_invalid(logits, invalid_fallback_id)
+            logits = guard_invalid(logits, invalid_fallback_id, check_inf=invalid_check_inf)
         if config.temperature == 0:
             return int(torch.argmax(logits, dim=-1))
         logits = logits / config.temperature
@@ -105,15 +109,17 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded) or ``max_new_tokens``.
 
-    ``model(input_ids (1, T), cache) -> logits (1, T, V)`` must advance ``cache``. ``prefill``
-    replaces the first call (VisualGLM splices image embeddings there).
+    ``model(input_ids (1, T), cache, last_only=...) -> logits (1, T or 1, V)`` must advance
+    ``cache``; the prefill asks for the last position only (no (T, vocab) logits matrix).
+    ``prefill`` replaces the first call (VisualGLM splices image embeddings there).
     """
     device = cache.device
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     seen = torch.empty(len(prompt) + max_new_tokens, dtype=torch.long, device=device)
     seen[: len(prompt)] = ids[0]
     n = len(prompt)
-    logits = (prefill or model)(ids, cache)[0, -1].float()
+    first = prefill(ids, cache) if prefill else model(ids, cache, last_only=True)
+    logits = first[0, -1].float()
     for i in range(max_new_tokens):
         token = sample(logits, seen[:n], n)
         if token in stop_ids:

@@ -19,7 +19,7 @@ import pickle
 import resource
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -216,21 +216,26 @@ def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def load_weights(
     model: nn.Module,
-    files: list[Path],
+    tensors: Iterable[tuple[str, torch.Tensor]],
     checkpoint_key: Callable[[str], str | None],
     *,
     dtype: torch.dtype,
     device: torch.device,
+    total_bytes: int = 0,
     progress: Progress | None = None,
     keep_dtype: Callable[[str], torch.dtype | None] | None = None,
 ) -> None:
-    """Stream checkpoint tensors into a meta-built model, strictly."""
+    """Stream (key, tensor) pairs into a meta-built model, strictly.
+
+    Each tensor is cast and moved as it arrives (or handed to its quantized linear), so at most
+    one checkpoint tensor is held in floating point besides the model being built.
+    """
     expected = {n: p for n, p in model.named_parameters()}
     expected.update(dict(model.named_buffers()))
-    total = sum(f.stat().st_size for f in files)
+    total = total_bytes
     done = 0
     unexpected: list[str] = []
-    for key, t in iter_tensors(files):
+    for key, t in tensors:
         name = checkpoint_key(key)
         if name is None:
             continue
@@ -257,7 +262,7 @@ def load_weights(
             unexpected.append(key)
         done += t.numel() * t.element_size()
         if progress is not None:
-            progress(min(done, total), total)
+            progress(min(done, total) if total else done, total or done)
     if unexpected:
         shown = ", ".join(unexpected[:3]) + (" …" if len(unexpected) > 3 else "")
         raise CheckpointError(f"unexpected keys in the checkpoint ({len(unexpected)}): {shown}")
@@ -265,6 +270,33 @@ def load_weights(
     if missing:
         shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
         raise CheckpointError(f"missing keys in the checkpoint ({len(missing)}): {shown}")
+
+
+def build_model(
+    module: ModuleType,
+    cfg: Any,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    bits: int,
+    checkpoint_bits: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    total_bytes: int = 0,
+    progress: Progress | None = None,
+) -> nn.Module:
+    """Build ``module.Model(cfg)`` on the meta device, swap in quantized linears, then fill it
+    from ``tensors`` (a checkpoint stream, or random tensors for benchmarks)."""
+    with torch.device("meta"):
+        net = module.Model(cfg)
+    if bits != 16 or checkpoint_bits:
+        from llmchat.quant import prepare_model
+
+        prepare_model(net, module.QUANT_LINEARS, bits, checkpoint_bits=checkpoint_bits,
+                      dtype=dtype, device=device, skip=getattr(module, "quant_skip", None))
+    load_weights(net, tensors, module.checkpoint_key, dtype=dtype, device=device,
+                 total_bytes=total_bytes, progress=progress,
+                 keep_dtype=getattr(module, "keep_dtype", None))
+    return net.eval()
 
 
 def peak_rss_bytes() -> int:
@@ -292,22 +324,15 @@ def load(
         asked = resolve(model)
         if asked.name != spec.name:
             raise UsageError(f"--model {model} but {path} holds a {spec.name} checkpoint")
-    torch_dtype = resolve_dtype(dtype, dev, spec, bits)
+    torch_dtype = resolve_dtype(dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)))
     module = importlib.import_module(spec.module)
     cfg = module.Config.from_hf(hf)
     tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
-    with torch.device("meta"):
-        net = module.Model(cfg)
     ckpt_bits = int(hf.get("quantization_bit") or 0)
-    if bits != 16 or ckpt_bits:
-        from llmchat.quant import prepare_model
-
-        prepare_model(net, module.QUANT_LINEARS, bits, checkpoint_bits=ckpt_bits,
-                      dtype=torch_dtype, device=dev, skip=getattr(module, "quant_skip", None))
-    load_weights(net, files, module.checkpoint_key, dtype=torch_dtype, device=dev,
-                 progress=progress, keep_dtype=getattr(module, "keep_dtype", None))
-    net.eval()
+    net = build_model(module, cfg, iter_tensors(files), bits=bits, checkpoint_bits=ckpt_bits,
+                      dtype=torch_dtype, device=dev, progress=progress,
+                      total_bytes=sum(f.stat().st_size for f in files))
     info = LoadInfo(
         path=str(path),
         device=str(dev),
