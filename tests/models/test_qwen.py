@@ -26,6 +26,7 @@ from tests.ckpt_qwen import qwen_checkpoint, qwen_config
 
 TIKTOKEN = "tokenizers/qwen-7b-chat/qwen.tiktoken"
 IM_START, IM_END, EOT, NL = 151644, 151645, 151643, 198
+V = 1024  # a small vocabulary for model-only tests keeps them (and the float64 reference) fast
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +98,43 @@ def test_logits_match_qwen2_prefill_and_cached_decode() -> None:
 
 @torch.inference_mode()
 def test_chunked_prefill_and_last_only() -> None:
-    model = tiny_model(seed=3)
-    ids = torch.randint(0, 151851, (1, 10), generator=torch.Generator().manual_seed(2))
+    model = tiny_model(seed=3, vocab_size=V)
+    ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(2))
     full = model(ids)
     cache = model.make_cache(16, dtype=torch.float32, device="cpu")
     model(ids[:, :4], cache)
     torch.testing.assert_close(model(ids[:, 4:], cache), full[:, 4:], atol=1e-5, rtol=0)
     torch.testing.assert_close(model(ids, last_only=True), full[:, -1:], atol=1e-6, rtol=0)
+
+
+def test_rmsnorm_casts_before_the_weight() -> None:
+    norm = qwen.RMSNorm(64, 1e-6).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    norm.weight.data = (1 + 0.3 * torch.randn(64, generator=g)).to(torch.bfloat16)
+    x = (3 * torch.randn(4, 64, generator=g)).to(torch.bfloat16)
+    xf = x.float()
+    upstream = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, upstream * norm.weight)
+    glm2_order = (norm.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True)
+                                                          + 1e-6))).to(x.dtype)
+    assert not torch.equal(got, glm2_order)  # the order is observable in bf16
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_past_seq_length(dtype: torch.dtype) -> None:
+    model = tiny_model(seed=8, vocab_size=V, seq_length=8)
+    ids = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(9))
+    want = model(ids)
+    half = model.to(dtype)
+    cache = half.make_cache(16, dtype=dtype, device="cpu")
+    got = torch.cat([half(ids[:, :10], cache), half(ids[:, 10:11], cache),
+                     half(ids[:, 11:], cache)], dim=1)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    cos = torch.nn.functional.cosine_similarity(got.float(), want, dim=-1)
+    assert cos.min() > 0.99
 
 
 # -- beyond seq_length: NTK + logn against a naive per-position reimplementation ------------------
@@ -147,9 +178,6 @@ def naive_logits(model: qwen.Model, ids: list[int], alpha: float, logn: bool) ->
             new.append(h1 + sd[p + "mlp.c_proj.weight"] @ act)
         xs = new
     return torch.stack([sd["lm_head.weight"] @ norm(x, sd["transformer.ln_f.weight"]) for x in xs])
-
-
-V = 1024  # a small vocabulary keeps the float64 reference fast
 
 
 def test_ntk_alpha_formula() -> None:
@@ -425,7 +453,8 @@ class Scripted(nn.Module):
     def make_cache(self, max_len: int, *, dtype: torch.dtype, device: object) -> KVCache:
         return KVCache(1, 1, 1, max_len, dtype=dtype, device=device)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache, *, last_only: bool = False
+                ) -> torch.Tensor:
         cache.advance(ids.shape[1])
         logits = torch.zeros(1, ids.shape[1], 151936)
         logits[0, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
@@ -483,13 +512,20 @@ def greedy_reference(model: qwen.Model, tok: qwen.QwenTokenizer, msgs: list[Mess
     return tok.decode(out).strip()
 
 
-def test_load_and_multi_turn_chat(qwen_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def qwen_chat(qwen_dir: Path) -> TransformerChatModel:
     from llmchat.loader import load
 
+    chat = load(model_path=qwen_dir, device="cpu", dtype="float32")
+    assert isinstance(chat, TransformerChatModel)
+    return chat
+
+
+def test_load_and_multi_turn_chat(qwen_dir: Path, qwen_chat: TransformerChatModel) -> None:
     assert sorted(p.name for p in qwen_dir.iterdir()) == [
         "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "model.safetensors.index.json", "qwen.tiktoken"]
-    chat = load(model_path=qwen_dir, device="cpu", dtype="float32")
+    chat = qwen_chat
     assert chat.name == "qwen-7b-chat" and chat.supports_system
     assert chat.model.max_positions == 32768
     cfg = GREEDY.with_(max_new_tokens=8)
@@ -504,7 +540,8 @@ def test_load_and_multi_turn_chat(qwen_dir: Path) -> None:
     assert chat.count_tokens(msgs) > 40
 
 
-def test_v10_checkpoint_loads_with_same_logits(qwen_dir: Path, tmp_path: Path) -> None:
+def test_v10_checkpoint_loads_with_same_logits(qwen_dir: Path, qwen_chat: TransformerChatModel,
+                                               tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from llmchat.loader import load
@@ -513,7 +550,7 @@ def test_v10_checkpoint_loads_with_same_logits(qwen_dir: Path, tmp_path: Path) -
     for f in sorted(qwen_dir.glob("model-*.safetensors")):
         sd.update(load_file(str(f)))
     v10 = qwen_checkpoint(tmp_path / "v10", fmt="bin-sharded", v10=True, state_dict=sd)
-    a = load(model_path=qwen_dir, device="cpu", dtype="float32")
+    a = qwen_chat
     b = load(model_path=v10, device="cpu", dtype="float32")
     assert b.model.config.seq_length == 2048 and b.model.max_positions == 6144
     ids = torch.tensor([qwen.encode_messages(a.tokenizer, [Message("user", "hi")])])
@@ -541,10 +578,8 @@ def test_loader_refuses_unsupported_config(qwen_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(not (REPO / "llmchat" / "cli.py").exists(), reason="llmchat/cli.py missing")
-def test_cli_chat_with_system(qwen_dir: Path) -> None:
-    from llmchat.loader import load
-
-    chat = load(model_path=qwen_dir, device="cpu", dtype="float32")
+def test_cli_chat_with_system(qwen_dir: Path, qwen_chat: TransformerChatModel) -> None:
+    chat = qwen_chat
     config = chat.defaults.with_(temperature=0, max_new_tokens=8)  # preset: penalty 1.1
     msgs = [Message("system", "You are a pirate."), Message("user", "q1")]
     r1 = chat.chat(msgs, config)
