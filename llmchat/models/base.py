@@ -210,6 +210,7 @@ class TransformerChatModel(ChatModel):
             config,
             eos_ids=sorted(stop),
             invalid_fallback_id=getattr(self.module, "INVALID_FALLBACK_ID", None),
+            invalid_check_inf=getattr(self.module, "INVALID_CHECK_INF", True),
             device=self.device,
         )
         decoder = StreamDecoder(self.tokenizer.decode, self.module.postprocess,
