@@ -24,6 +24,7 @@ modes are converted. Shapes: B batch, T tokens, Q image tokens.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -205,8 +206,12 @@ def open_image(path: str | Path) -> tuple[Image.Image, ImageInfo]:
         raise ImageError(f"image not found: {text}")
     if p.is_dir():
         raise ImageError(f"{text} is a directory, not an image file")
+    if not p.is_file():
+        raise ImageError(f"{text} is not a regular file")
     try:
-        img = Image.open(p)
+        with warnings.catch_warnings():  # over Pillow's warning size: our own limit speaks
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(p)
     except UnidentifiedImageError:
         raise ImageError(f"{text} is not an image Pillow can read ({EXTENSIONS_HINT}, …)") from None
     except Image.DecompressionBombError:

@@ -434,6 +434,8 @@ def truncated(path: Path, fmt: str) -> Path:
     (lambda d: truncated(d / "t.png", "PNG"), "truncated or corrupt"),
     (lambda d: truncated(d / "t.jpg", "JPEG"), "truncated or corrupt"),
     (lambda d: png_header_only(d / "big.png", 9000, 9000), r"9000x9000 pixels .*limit"),
+    (lambda d: png_header_only(d / "big2.png", 12000, 12000), r"12000x12000 pixels .*limit"),
+    (lambda d: "/dev/null", "not a regular file"),
     (lambda d: png_header_only(d / "bomb.png", 30000, 30000), "too large"),
     (lambda d: "https://example.com/cat.jpg", "URLs are not fetched"),
 ])
