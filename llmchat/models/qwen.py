@@ -66,7 +66,7 @@ class Config:
     use_dynamic_ntk: bool = True
     use_logn_attn: bool = True
 
-    # config.json key -> field, per generation (v1.1 names win when both are present)
+    # config.json key -> field: v1.1 names, then the v1.0 names (which win where present)
     _HF_KEYS = {
         "vocab_size": "vocab_size",
         "hidden_size": "hidden_size",

@@ -505,7 +505,7 @@ def greedy_reference(model: qwen.Model, tok: qwen.QwenTokenizer, msgs: list[Mess
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
-            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            nxt = int(model(torch.tensor([ids + out]), last_only=True)[0, -1].argmax())
             if nxt in (IM_END, IM_START, EOT):
                 break
             out.append(nxt)
