@@ -4,6 +4,12 @@ The buffers are allocated once for ``max_len`` positions, so memory does not gro
 conversation and the one-token decode step always sees tensors of the same shape (what CUDA
 graph capture needs). Layers write their new keys/values at ``offset`` and read ``[:offset+T]``;
 the model advances ``offset`` once per forward, after the last layer.
+
+In *static* mode (``static = True``, one token per step) the cache is addressed through the
+device tensor ``pos`` instead of the Python int ``offset``: keys/values are written at ``pos``
+and attention runs over the whole buffer with ``valid_mask()``. Nothing in such a step depends
+on Python-side values, so it can be captured once in a CUDA graph and replayed
+(``llmchat.graphs.StaticDecoder``); the caller advances ``offset`` after each replay.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.offset = 0
+        self.static = False
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
         # Per-sequence facts a model derives at prefill and reuses when decoding
         # (ChatGLM-6B's context length and mask position, Qwen's NTK factor).
         self.meta: dict[str, Any] = {}
@@ -48,10 +56,25 @@ class KVCache:
         self.offset = 0
         self.meta.clear()
 
+    def positions(self, t: int) -> torch.Tensor:
+        """Absolute positions of the next ``t`` tokens, shape (T,)."""
+        if self.static:
+            return self.pos.view(1)
+        return torch.arange(self.offset, self.offset + t, device=self.device)
+
+    def valid_mask(self) -> torch.Tensor:
+        """(1, 1, 1, max_len) bool, True for the keys a static step may attend to."""
+        return (torch.arange(self.max_len, device=self.device) <= self.pos).view(1, 1, 1, -1)
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` of shape (B, H_kv, T, D) at ``offset``; return all keys/values so far."""
+        """Store ``k, v`` of shape (B, H_kv, T, D) at ``offset``; return all keys/values so far
+        (in static mode: the whole buffer, to be masked with ``valid_mask``)."""
+        if self.static:
+            self.k[layer].index_copy_(2, self.pos.view(1), k)
+            self.v[layer].index_copy_(2, self.pos.view(1), v)
+            return self.k[layer], self.v[layer]
         t = k.shape[2]
         end = self.offset + t
         if end > self.max_len:
@@ -61,7 +84,10 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, t: int) -> None:
-        self.offset += t
+        if self.static:
+            self.pos.add_(t)  # the caller advances ``offset`` after a (replayed) static step
+        else:
+            self.offset += t
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

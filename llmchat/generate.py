@@ -106,12 +106,14 @@ def generate_tokens(
     max_new_tokens: int,
     stop_ids: frozenset[int],
     prefill: Callable[[Tensor, KVCache], Tensor] | None = None,
+    step: Callable[[int], Tensor] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded) or ``max_new_tokens``.
 
     ``model(input_ids (1, T), cache, last_only=...) -> logits (1, T or 1, V)`` must advance
     ``cache``; the prefill asks for the last position only (no (T, vocab) logits matrix).
-    ``prefill`` replaces the first call (VisualGLM splices image embeddings there).
+    ``prefill`` replaces the first call (VisualGLM splices image embeddings there); ``step``
+    replaces the one-token decode calls (``graphs.StaticDecoder``, a captured CUDA graph).
     """
     device = cache.device
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
@@ -129,4 +131,5 @@ def generate_tokens(
             return
         seen[n] = token
         n += 1
-        logits = model(ids.new_tensor([[token]]), cache)[0, -1].float()
+        out = step(token) if step is not None else model(ids.new_tensor([[token]]), cache)
+        logits = out[0, -1].float()

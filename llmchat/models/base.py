@@ -22,6 +22,7 @@ Every ``llmchat/models/<arch>.py`` exports the same small contract (mlx-lm style
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from torch import nn
 from llmchat.cache import KVCache
 from llmchat.errors import ContextOverflowError, ImageError, UsageError
 from llmchat.generate import generate_tokens, make_sampler
+from llmchat.graphs import StaticDecoder
 from llmchat.tokenizer import StreamDecoder, Tokenizer
 from llmchat.types import GenerationConfig, Message, ReplyStats
 
@@ -140,6 +142,7 @@ class TransformerChatModel(ChatModel):
         self.supports_images = spec.supports_images
         self.last_stats = ReplyStats()
         self._cache: KVCache | None = None
+        self._decoder: StaticDecoder | None = None
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -169,6 +172,15 @@ class TransformerChatModel(ChatModel):
             self._cache = self.model.make_cache(size, dtype=self.cache_dtype, device=self.device)
         self._cache.reset()
         return self._cache
+
+    def decode_step(self, cache: KVCache) -> StaticDecoder | None:
+        """On CUDA, the captured one-token step for this cache (reused across replies while the
+        cache is); elsewhere None: the eager step. ``LLMCHAT_CUDA_GRAPHS=0`` turns it off."""
+        if self.device.type != "cuda" or os.environ.get("LLMCHAT_CUDA_GRAPHS", "1") == "0":
+            return None
+        if self._decoder is None or self._decoder.cache is not cache:
+            self._decoder = StaticDecoder(self.model, cache, capture=True)
+        return self._decoder
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +217,7 @@ class TransformerChatModel(ChatModel):
                 )
             max_new = min(max_new, limit - len(ids))
         cache = self._get_cache(len(ids) + max_new)
+        step = self.decode_step(cache)
         stop = frozenset(self.module.stop_ids(self.tokenizer))
         sample = make_sampler(
             config,
@@ -221,7 +234,7 @@ class TransformerChatModel(ChatModel):
         t_first = None
         for token in generate_tokens(
             self.model, ids, cache, sample=sample, max_new_tokens=max_new, stop_ids=stop,
-            prefill=self.prefill_fn(messages),
+            prefill=self.prefill_fn(messages), step=step,
         ):
             if t_first is None:
                 t_first = time.perf_counter()
@@ -241,5 +254,6 @@ class TransformerChatModel(ChatModel):
         if self.device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
         stats.extra["reply"] = decoder.text()
+        stats.extra["decode_path"] = step.path if step is not None else "eager"
         if rest:
             yield rest

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
+from llmchat.models.layers import causal_attention
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -106,7 +107,7 @@ def rope_cos_sin(positions: Tensor, rot_dim: int, theta: float) -> tuple[Tensor,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of the first ``2 * cos.shape[-1]`` dims of x (B,h,T,D)."""
+    """Rotate interleaved pairs (2i, 2i+1) of the first 2 * cos.shape[-1] dims of x (B,h,T,D)."""
     rot = cos.shape[-1] * 2
     xr = x[..., :rot].float().unflatten(-1, (-1, 2))  # (B, h, T, rot/2, 2)
     x0, x1 = xr[..., 0], xr[..., 1]
@@ -125,17 +126,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-    """Causal scaled dot-product attention of T new queries over S = offset + T keys."""
-    t, s = q.shape[2], k.shape[2]
-    if t == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    if offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class SelfAttention(nn.Module):
@@ -159,13 +149,9 @@ class SelfAttention(nn.Module):
         k = k.view(b, t, g, d).transpose(1, 2)  # (B, G, T, D)
         v = v.view(b, t, g, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        offset = 0
         if cache is not None:
-            offset = cache.offset
             k, v = cache.update(layer, k, v)  # (B, G, S, D)
-        k = k.repeat_interleave(h // g, dim=1)  # (B, H, S, D): head i uses group i // (H/G)
-        v = v.repeat_interleave(h // g, dim=1)
-        out = attention(q, k, v, offset)  # (B, H, T, D)
+        out = causal_attention(q, k, v, cache)  # (B, H, T, D); head i uses group i // (H/G)
         return self.dense(out.transpose(1, 2).reshape(b, t, h * d))
 
 
@@ -229,14 +215,20 @@ class Model(nn.Module):
         return KVCache(c.num_layers, c.num_kv_groups, c.kv_channels, max_len,
                        dtype=dtype, device=device)
 
+    def static_key(self, cache: KVCache) -> object | None:
+        """Decode steps depend on no per-sequence Python state: always capturable."""
+        return 0
+
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
     ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position when ``last_only``."""
         tr = self.transformer
-        offset = cache.offset if cache is not None else 0
         t = input_ids.shape[1]
-        positions = torch.arange(offset, offset + t, device=input_ids.device)
+        if cache is not None:
+            positions = cache.positions(t)
+        else:
+            positions = torch.arange(t, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.kv_channels // 2, self.config.rope_theta)
         x = tr.embedding.word_embeddings(input_ids)  # (B, T, hidden)
         for block in tr.encoder.layers:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
+from llmchat.models.layers import causal_attention
 from llmchat.types import Message, split_turns
 
 
@@ -188,17 +189,6 @@ class RMSNorm(nn.Module):
         )
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
-    """Causal scaled dot-product attention of T new queries over S = offset + T keys."""
-    t, s = q.shape[2], k.shape[2]
-    if t == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    if offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -217,13 +207,11 @@ class Attention(nn.Module):
         k = k.view(b, t, h, d).transpose(1, 2)
         v = v.view(b, t, h, d).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        offset = 0
         if cache is not None:
-            offset = cache.offset
             k, v = cache.update(layer, k, v)  # (B, H, S, D)
         if logn is not None:
             q = q * logn.to(q.dtype)[:, None]  # (T, 1) broadcast over heads and dims
-        out = attention(q, k, v, offset)  # (B, H, T, D)
+        out = causal_attention(q, k, v, cache)  # (B, H, T, D)
         return self.c_proj(out.transpose(1, 2).reshape(b, t, hidden))
 
 
@@ -279,6 +267,14 @@ class Model(nn.Module):
         return KVCache(c.num_layers, c.num_heads, c.kv_channels, max_len,
                        dtype=dtype, device=device)
 
+    def static_key(self, cache: KVCache) -> object | None:
+        """A static (capturable) decode step bakes in the prefill's NTK alpha, so a new alpha
+        needs a new capture; past seq_length logn scaling varies per step: decode eagerly."""
+        cfg = self.config
+        if cfg.use_logn_attn and cache.offset + 1 > cfg.seq_length:
+            return None
+        return cache.meta.get("ntk_alpha", 1.0)
+
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
     ) -> Tensor:
@@ -294,7 +290,10 @@ class Model(nn.Module):
                 cache.meta["ntk_alpha"] = alpha
         else:
             alpha = cache.meta.get("ntk_alpha", 1.0)
-        positions = torch.arange(offset, kv_len, device=input_ids.device)
+        if cache is not None:
+            positions = cache.positions(t)
+        else:
+            positions = torch.arange(t, device=input_ids.device)
         rope = rope_cos_sin(positions, cfg.kv_channels, cfg.rope_theta, alpha)
         logn = None
         if cfg.use_logn_attn and kv_len > cfg.seq_length:

@@ -1,0 +1,97 @@
+"""The one-token decode step over a static KV cache, captured as a CUDA graph.
+
+Eager batch-1 decoding on a GPU is bound by kernel-launch overhead (hundreds of small kernels
+per token), not by memory bandwidth. With the cache in static mode (``KVCache.static``) a
+decode step has fixed shapes and reads all per-step state from device tensors, so it can be
+recorded once with ``torch.cuda.CUDAGraph`` and replayed per token — one launch instead of
+hundreds (the gpt-fast recipe, without torch.compile's start-up cost).
+
+The same static step also runs eagerly (``capture=False``), which is how the CPU tests check that
+it computes exactly what the dynamic path computes. Models opt in with ``static_key(cache)``:
+None means "this step cannot be static" (e.g. Qwen's logn scaling past seq_length), and a change
+of key (Qwen's NTK factor) triggers a new capture. Everything else falls back to the eager step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmchat.cache import KVCache
+
+
+class StaticDecoder:
+    """``step(token) -> logits (1, 1, V)``, advancing the cache by one position."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, *, capture: bool) -> None:
+        self.model = model
+        self.cache = cache
+        self.capture = capture and cache.device.type == "cuda"
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=cache.device)
+        self.graph: Any = None
+        self.key: object | None = None
+        self.logits: Tensor | None = None
+        self.static_steps = 0
+        self.eager_steps = 0
+
+    @property
+    def path(self) -> str:
+        if self.static_steps and self.capture:
+            return "cuda-graph"
+        return "static-eager" if self.static_steps else "eager"
+
+    def _eager(self, token: int) -> Tensor:
+        self.eager_steps += 1
+        return self.model(self.token.new_full((1, 1), token), self.cache)
+
+    def _run_static(self) -> Tensor:
+        self.cache.static = True
+        try:
+            return self.model(self.token, self.cache)
+        finally:
+            self.cache.static = False
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.cache.meta.items() if isinstance(v, Tensor)}
+
+    def _restore(self, saved: dict[str, Tensor]) -> None:
+        for k, v in saved.items():
+            self.cache.meta[k].copy_(v)
+
+    def _capture(self, key: object) -> None:
+        """Warm up on a side stream (as CUDA graphs require), then record one static step.
+        Device state that the warm-up advanced (per-sequence tensors in cache.meta) is restored."""
+        self.graph = None
+        saved = self._snapshot()
+        stream = torch.cuda.Stream(self.cache.device)
+        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run_static()
+                self._restore(saved)
+        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run_static()
+        self._restore(saved)
+        self.graph, self.key = graph, key
+
+    def __call__(self, token: int) -> Tensor:
+        key = self.model.static_key(self.cache) if hasattr(self.model, "static_key") else None
+        if key is None or self.cache.offset >= self.cache.max_len:
+            return self._eager(token)
+        self.cache.pos.fill_(self.cache.offset)
+        self.token.fill_(token)
+        if self.capture:
+            if self.graph is None or key != self.key:
+                self._capture(key)
+            self.graph.replay()
+            out = self.logits
+            assert out is not None
+        else:
+            out = self._run_static()
+        self.cache.offset += 1
+        self.static_steps += 1
+        return out
