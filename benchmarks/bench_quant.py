@@ -5,7 +5,7 @@ a small vocabulary so the quantized linears dominate) as fp16 ``.bin`` shards to
 then, each in its own subprocess so peaks do not mix:
 
 * ``load`` rows — ``llmchat.loader.load(quant=16|8|4)`` on the CPU: checkpoint bytes, peak RSS
-  of the process during the load (ru_maxrss, minus the RSS before loading), final model bytes;
+  of the process during the load (VmHWM, minus the RSS before loading), final model bytes;
 * ``decode`` rows — ms per token of single-token forward passes with a KV cache for fp32,
   bf16, int8 and int4 (bf16 activations, the default for --quant on CPU), as ratios to fp32.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def child(path: str, mode: str, tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     m = load(model_path=path, device="cpu", dtype=dtype, quant=quant)
     load_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     net = m.model
     cache = net.make_cache(tokens + 8, dtype=getattr(torch, dtype), device="cpu")
     ids = torch.tensor([[1, 2, 3]])  # the vocabulary is shrunk
@@ -81,6 +80,14 @@ def child(path: str, mode: str, tokens: int) -> dict[str, Any]:
         "model_bytes": m.info.weight_bytes, "backend": m.info.extra.get("quant_backend", "-"),
         "ms_per_token": 1e3 * times[len(times) // 2],
     }
+
+
+def _vm_hwm() -> int:
+    """Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
+    fork + exec into it, and the parent held the random checkpoint."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _rss_now() -> int:
