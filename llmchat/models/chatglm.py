@@ -13,6 +13,8 @@ Departures from a standard pre-norm decoder (REFERENCE.md §2, hub revision 8b7d
 * Attention scales q by 1/(sqrt(D)*(layer+1)), fills masked scores with -10000, then multiplies
   by (layer+1) in fp32 before the softmax — kept as is so fp16 runs round like upstream.
 * tanh-GELU MLP; ``lm_head`` is tied to the word embeddings.
+* Decoding ends with transformers' ``clean_up_tokenization`` (on by default in the transformers
+  4.27.1 that upstream pins), so streaming holds back what it may still rewrite.
 
 Departure: the RoPE angles are computed in fp32 (from the fp16-rounded ``inv_freq``, as upstream).
 Upstream's fp16 path also rounds ``position * inv_freq`` to fp16, which is off by up to ~0.5 rad
@@ -180,7 +182,8 @@ def rope_cos_sin(pos: Tensor, block: Tensor, head_dim: int) -> tuple[Tensor, Ten
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each D/2 half of x (B, H, T, D) in rotate_half style: pairs (j, j + D/4)."""
-    dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # upstream math in fp16/fp32
+    # in the model dtype as upstream for fp16/fp32; bf16 (not an upstream mode) in fp32
+    dt = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
     xc, cos, sin = x.to(dt), cos.to(dt), sin.to(dt)
     q = x.shape[-1] // 4
     x1, x2, x3, x4 = xc.split(q, dim=-1)
@@ -223,7 +226,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        # upstream's jit-scripted tanh-GELU formula; the fused kernel rounds once, as here
+        # the tanh approximation, which upstream writes out as a jit-scripted formula
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
@@ -359,7 +362,19 @@ class ChatGLMTokenizer:
         # control pieces (<sop>, <eop>, ...) decode to nothing; pad and ids past the
         # tokenizer (the embedding has 130528 rows for 130344 pieces) are dropped
         keep = [i for i in ids if 0 <= i < self._n and i != self.pad_id]
-        return self.postprocess(str(self.sp.decode(keep)))
+        return clean_up_spaces(self.postprocess(str(self.sp.decode(keep))))
+
+
+# transformers' ``clean_up_tokenization``, which upstream ``tokenizer.decode`` applies by default
+# in the transformers release the ChatGLM-6B repo pins (4.27.1): each pattern becomes itself
+# without spaces, in this order, one ``str.replace`` pass each.
+CLEANUP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+
+
+def clean_up_spaces(text: str) -> str:
+    for old in CLEANUP:
+        text = text.replace(old, old.strip())
+    return text
 
 
 def load_tokenizer(model_dir: Path) -> ChatGLMTokenizer:
@@ -408,10 +423,26 @@ def postprocess(text: str) -> str:
     return text
 
 
+_CLEANUP_CHARS = frozenset("".join(CLEANUP))
+
+
 def holdback(text: str) -> int:
-    """A trailing ASCII mark may still turn full-width; a partial placeholder may still change."""
-    mark = 1 if text and text[-1] in ",!:;?" else 0
-    return max(mark, partial_suffix_len(text, TRAINING_TIME))
+    """How many trailing characters later tokens may still change while streaming.
+
+    * a trailing ASCII ``,!:;?``: it turns full width if a CJK character follows;
+    * a partial ``[[训练时间]]``;
+    * the clean-up: each pattern starts with a space, so a change can only start at a space
+      followed by pattern characters up to the end, or at an apostrophe left by a cleaned
+      `` ' `` whose last space a following ``.``/``,``/... takes instead.
+    """
+    mark = 1 if text and text[-1] in ",!:;?'" else 0
+    tail = text[-8:]  # a chain of clean-ups spans fewer characters than this
+    k = len(tail)
+    while k and tail[k - 1] in _CLEANUP_CHARS:
+        k -= 1
+    space = tail.find(" ", k)
+    cleanup = len(tail) - space if space >= 0 else 0
+    return max(mark, cleanup, partial_suffix_len(text, TRAINING_TIME))
 
 
 def stop_ids(tok: ChatGLMTokenizer) -> frozenset[int]:

@@ -428,29 +428,14 @@ def test_process_response_matches_the_rule_on_random_text() -> None:
         assert postprocess(s) == charwise_process_response(s), repr(s)
 
 
-PIECES = [
-    "中",
-    "a",
-    ",",
-    "!",
-    ":",
-    ";",
-    "?",
-    " ",
-    "[[",
-    "训练",
-    "时间",
-    "]]",
-    "\n",
-    "好,",
-    "[",
-    "年",
-]
+# single characters plus multi-character pieces that form the placeholder and the clean-ups
+PIECES = [*"中a,!:;? \n.'ntmsvre[年", "[[", "训练", "时间", "]]", "好,", "'s", "n't", " ' "]
 
 
 def stream(pieces: list[str], hold: bool = True) -> tuple[str, str]:
+    """Stream ``pieces`` as tokens through the model's decode-side functions."""
     dec = StreamDecoder(
-        lambda ids: "".join(pieces[i] for i in ids),
+        lambda ids: chatglm.clean_up_spaces("".join(pieces[i] for i in ids)),
         postprocess,
         holdback if hold else (lambda text: 0),
     )
@@ -460,14 +445,29 @@ def stream(pieces: list[str], hold: bool = True) -> tuple[str, str]:
 
 def test_streaming_holdback_makes_deltas_equal_the_final_reply() -> None:
     rng = random.Random(1)
-    for _ in range(1500):
-        pieces = [rng.choice(PIECES) for _ in range(rng.randint(1, 10))]
+    for _ in range(4000):
+        pieces = [rng.choice(PIECES) for _ in range(rng.randint(1, 12))]
         joined, final = stream(pieces)
         assert joined == final, pieces
     # without the holdback the streamed text would disagree with the final reply
-    assert stream(["a", ",", "中"], hold=False)[0] != stream(["a", ",", "中"])[1]
-    assert stream(["[[", "训练", "时间", "]]"], hold=False)[0] != "2023年"
+    cases = (
+        ["a", ",", "中"],
+        ["[[", "训练", "时间", "]]"],
+        ["It", " '", "s"],
+        ["x", " ' ", "."],
+        ["x", " n", " '", " ", "t"],
+    )
+    for case in cases:
+        assert stream(case, hold=False)[0] != stream(case)[1], case
+        assert stream(case)[0] == stream(case)[1]
     assert holdback("ok,") == 1 and holdback("好，") == 0 and holdback("x[[训练") == 4
+    assert holdback("It '") == 2 and holdback("do n") == 2 and holdback("done") == 0
+
+
+def test_decode_applies_transformers_clean_up(tok: chatglm.ChatGLMTokenizer) -> None:
+    ids = tok.encode("Hello , world . It ' s a test ! Is n't it ?")
+    assert tok.decode(ids) == "Hello, world. It's a test! Isn't it?"
+    assert chatglm.clean_up_spaces("x  .") == "x ."  # one pass, as str.replace
 
 
 def test_streaming_with_the_real_tokenizer(tok: chatglm.ChatGLMTokenizer) -> None:
