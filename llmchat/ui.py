@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,6 @@ from typing import Any, Protocol
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.markdown import Markdown
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
@@ -301,16 +300,6 @@ class ChatUI:
         context = f"{'?' if used is None else used} / {config.max_length} tokens"
         rows.append(("context used", context))
         self.table(rows)
-
-    @contextmanager
-    def loading(self, label: str) -> Iterator[Callable[[int, int], None]]:
-        """A progress bar for ``llmchat.loader.load(progress=...)`` (bytes done, bytes total)."""
-        bar = Progress("[progress.description]{task.description}", BarColumn(),
-                       DownloadColumn(), TimeRemainingColumn(), console=self.console,
-                       transient=True)
-        task = bar.add_task(label, total=None)
-        with bar:
-            yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # -- input --------------------------------------------------------------------------------

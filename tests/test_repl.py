@@ -498,6 +498,8 @@ def test_prompt_reader_editing_history_and_ctrl_c(tmp_path: Path) -> None:
         assert reader(">>> ") == "hello"
         inp.send_text("one\x1b\rtwo\r")  # Esc+Enter: a new line, not sending
         assert reader(">>> ") == "one\ntwo"
+        inp.send_text("\x1b[200~pasted\nlines\x1b[201~\r")  # bracketed paste keeps newlines
+        assert reader(">>> ") == "pasted\nlines"
         inp.send_text("typed\x03kept\r")  # Ctrl-C on text clears the line only
         assert reader(">>> ") == "kept"
         inp.send_text("\x03")
