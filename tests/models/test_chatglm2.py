@@ -73,38 +73,10 @@ def test_block_matches_chatglm_cpp_golden_tensors() -> None:
 
 def hf_glm(model: chatglm2.Model) -> torch.nn.Module:
     """transformers' GlmForCausalLM with the same weights (the oracle; equal in fp32)."""
-    transformers = pytest.importorskip("transformers")
-    c = model.config
-    hf_cfg = transformers.GlmConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_groups, head_dim=c.kv_channels, partial_rotary_factor=0.5,
-        rms_norm_eps=c.eps, attention_bias=True, max_position_embeddings=c.seq_length,
-        rope_theta=c.rope_theta, tie_word_embeddings=False, pad_token_id=0,
-        bos_token_id=None, eos_token_id=2,
-    )
-    hf = transformers.GlmForCausalLM(hf_cfg).eval()
-    d, h, g = c.kv_channels, c.num_heads, c.num_kv_groups
-    sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": model.transformer.embedding.word_embeddings.weight,
-        "model.norm.weight": model.transformer.encoder.final_layernorm.weight,
-        "lm_head.weight": model.transformer.output_layer.weight,
-    }
-    for i, blk in enumerate(model.transformer.encoder.layers):
-        p = f"model.layers.{i}."
-        w = blk.self_attention.query_key_value.weight
-        b = blk.self_attention.query_key_value.bias
-        for name, (lo, hi) in {"q": (0, h * d), "k": (h * d, (h + g) * d),
-                               "v": ((h + g) * d, (h + 2 * g) * d)}.items():
-            sd[p + f"self_attn.{name}_proj.weight"] = w[lo:hi]
-            sd[p + f"self_attn.{name}_proj.bias"] = b[lo:hi]
-        sd[p + "self_attn.o_proj.weight"] = blk.self_attention.dense.weight
-        sd[p + "mlp.gate_up_proj.weight"] = blk.mlp.dense_h_to_4h.weight
-        sd[p + "mlp.down_proj.weight"] = blk.mlp.dense_4h_to_h.weight
-        sd[p + "input_layernorm.weight"] = blk.input_layernorm.weight
-        sd[p + "post_attention_layernorm.weight"] = blk.post_attention_layernorm.weight
-    hf.load_state_dict(sd, strict=True)
-    return hf
+    pytest.importorskip("transformers")
+    from benchmarks.oracles import hf_glm as to_hf
+
+    return to_hf(model)
 
 
 def test_logits_equal_transformers_glm_prefill_and_cached_decode() -> None:

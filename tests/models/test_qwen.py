@@ -50,35 +50,9 @@ def tiny_model(seed: int = 0, std: float = 0.1, **changes: object) -> qwen.Model
 
 # -- model math: Qwen2 oracle within seq_length ------------------------------------------------
 def qwen2_oracle(model: qwen.Model) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from benchmarks.oracles import hf_qwen2
 
-    c = model.config
-    hc = Qwen2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size // 2, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
-        rms_norm_eps=c.eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
-        max_position_embeddings=c.seq_length, use_sliding_window=False,
-    )
-    ref = Qwen2ForCausalLM(hc).eval()
-    sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(c.num_layers):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        for name, part in zip(("q", "k", "v"), sd[p + "attn.c_attn.weight"].chunk(3), strict=True):
-            out[q + f"self_attn.{name}_proj.weight"] = part
-        for name, part in zip(("q", "k", "v"), sd[p + "attn.c_attn.bias"].chunk(3), strict=True):
-            out[q + f"self_attn.{name}_proj.bias"] = part
-        out[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "mlp.w2.weight"]  # silu is applied to w2
-        out[q + "mlp.up_proj.weight"] = sd[p + "mlp.w1.weight"]
-        out[q + "mlp.down_proj.weight"] = sd[p + "mlp.c_proj.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
-    ref.load_state_dict(out, strict=True)
-    return ref
+    return hf_qwen2(model)
 
 
 @torch.inference_mode()
