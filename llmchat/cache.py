@@ -41,8 +41,13 @@ class KVCache:
         self.static = False
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
         # Per-sequence facts a model derives at prefill and reuses when decoding
-        # (ChatGLM-6B's context length and mask position, Qwen's NTK factor).
+        # (Qwen's NTK factor). Cleared by reset().
         self.meta: dict[str, Any] = {}
+        # Per-sequence device tensors a decode step reads and updates in place (ChatGLM-6B's
+        # mask and block positions). They keep their storage across sequences, so a captured
+        # step stays valid; ``state_version`` changes when one has to be reallocated.
+        self.state: dict[str, torch.Tensor] = {}
+        self.state_version = 0
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +60,15 @@ class KVCache:
     def reset(self) -> None:
         self.offset = 0
         self.meta.clear()
+
+    def set_state(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Store ``value`` in the persistent state tensor ``key`` (in place when it fits)."""
+        cur = self.state.get(key)
+        if cur is not None and cur.shape == value.shape and cur.dtype == value.dtype:
+            return cur.copy_(value)
+        self.state[key] = value.clone()
+        self.state_version += 1
+        return self.state[key]
 
     def positions(self, t: int) -> torch.Tensor:
         """Absolute positions of the next ``t`` tokens, shape (T,)."""

@@ -50,20 +50,59 @@ def err_console() -> Console:
 
 
 # -- shared options ------------------------------------------------------------------------------
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model name (see `llmchat models`); downloaded to the Hugging Face cache on first use.")]
-PathOpt = Annotated[str | None, typer.Option("--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer).")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model name (see `llmchat models`); downloaded to the HF cache on first use.",
+    ),
+]
+PathOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer)."
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; float32 on CPU, bfloat16 with --quant 8/4)")]
-QuantOpt = Annotated[str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")]
-TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 = greedy [default: the model's]")]
-TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass [default: the model's]")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; "
+        "float32 on CPU, bfloat16 with --quant 8/4)"
+    ),
+]
+QuantOpt = Annotated[
+    str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")
+]
+TempOpt = Annotated[
+    float | None, typer.Option("--temperature", "-t", help="0 = greedy [default: the model's]")
+]
+TopPOpt = Annotated[
+    float | None, typer.Option("--top-p", help="Nucleus sampling mass [default: the model's]")
+]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables [default: the model's]")]
-RepOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="[default: the model's]")]
-MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")]
-MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="Total context budget in tokens (prompt + reply) [default: the model's]")]
+RepOpt = Annotated[
+    float | None, typer.Option("--repetition-penalty", help="[default: the model's]")
+]
+MaxNewOpt = Annotated[
+    int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")
+]
+MaxLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        help="Total context budget in tokens (prompt + reply) [default: the model's]",
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
-SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")]
+SystemOpt = Annotated[
+    str | None,
+    typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)"),
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
 
 
@@ -90,16 +129,43 @@ class RunOptions:
         return model.defaults.with_(**self.settings)
 
 
-def run_options(model: str | None, model_path: str | None, device: str, dtype: str, quant: str,
-                temperature: float | None, top_p: float | None, top_k: int | None,
-                repetition_penalty: float | None, max_new_tokens: int | None,
-                max_length: int | None, seed: int | None, system: str | None, verbose: bool,
-                debug: bool) -> RunOptions:
-    settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens,
-                "max_length": max_length, "seed": seed}
-    return RunOptions(model, model_path, device, dtype, quant,
-                      {k: v for k, v in settings.items() if v is not None}, system, verbose, debug)
+def run_options(
+    model: str | None,
+    model_path: str | None,
+    device: str,
+    dtype: str,
+    quant: str,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    repetition_penalty: float | None,
+    max_new_tokens: int | None,
+    max_length: int | None,
+    seed: int | None,
+    system: str | None,
+    verbose: bool,
+    debug: bool,
+) -> RunOptions:
+    settings = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "max_new_tokens": max_new_tokens,
+        "max_length": max_length,
+        "seed": seed,
+    }
+    return RunOptions(
+        model,
+        model_path,
+        device,
+        dtype,
+        quant,
+        {k: v for k, v in settings.items() if v is not None},
+        system,
+        verbose,
+        debug,
+    )
 
 
 T = TypeVar("T")
@@ -129,8 +195,10 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
         if debug:
             raise
         msg = " ".join(str(exc).split())
-        err_console().print(f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
-                            "(run with --debug for the traceback)")
+        err_console().print(
+            f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
+            "(run with --debug for the traceback)"
+        )
         raise typer.Exit(ExitCode.ERROR) from None
 
 
@@ -142,8 +210,13 @@ def load_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    with Progress(TextColumn("loading weights"), BarColumn(), DownloadColumn(),
-                  console=err_console(), transient=True) as bar:
+    with Progress(
+        TextColumn("loading weights"),
+        BarColumn(),
+        DownloadColumn(),
+        console=err_console(),
+        transient=True,
+    ) as bar:
         task = bar.add_task("load", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
@@ -153,8 +226,14 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
 
     name = opts.model or (None if opts.model_path else default_model)
     with load_progress(sys.stderr.isatty()) as progress:
-        model = load(name, model_path=opts.model_path, quant=opts.quant, device=opts.device,
-                     dtype=opts.dtype, progress=progress)
+        model = load(
+            name,
+            model_path=opts.model_path,
+            quant=opts.quant,
+            device=opts.device,
+            dtype=opts.dtype,
+            progress=progress,
+        )
     if opts.system is not None and not model.supports_system:
         raise UsageError(f"{model.name} has no system role; --system is not available")
     if opts.verbose:
@@ -163,17 +242,26 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             f"[dim]{model.name} from {i.path}: {i.device}, {i.dtype}, quant {i.quant}"
             f"{' (' + str(i.extra['quant_backend']) + ')' if 'quant_backend' in i.extra else ''}, "
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
-            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]")
+            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]"
+        )
     return model
 
 
-def stream_reply(model: ChatModel, messages: list[Message], config: GenerationConfig,
-                 *, out: Callable[[str], None] | None, verbose: bool) -> tuple[str, list[Message]]:
+def stream_reply(
+    model: ChatModel,
+    messages: list[Message],
+    config: GenerationConfig,
+    *,
+    out: Callable[[str], None] | None,
+    verbose: bool,
+) -> tuple[str, list[Message]]:
     """Fit the history, stream one reply to ``out``; return (reply, kept messages)."""
     kept, dropped = model.fit(messages, config)
     if dropped:
-        err_console().print(f"[yellow]note:[/] dropped the {dropped} oldest turn(s) to fit the "
-                            f"context budget of {config.max_length} tokens")
+        err_console().print(
+            f"[yellow]note:[/] dropped the {dropped} oldest turn(s) to fit the "
+            f"context budget of {config.max_length} tokens"
+        )
     parts = []
     for delta in model.stream_chat(kept, config):
         parts.append(delta)
@@ -184,7 +272,8 @@ def stream_reply(model: ChatModel, messages: list[Message], config: GenerationCo
         err_console().print(
             f"[dim]{s.prompt_tokens} prompt tokens, {s.completion_tokens} reply tokens, "
             f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s "
-            f"({s.finish_reason})[/]")
+            f"({s.finish_reason})[/]"
+        )
     return s.extra.get("reply", "".join(parts)), kept
 
 
@@ -199,25 +288,43 @@ def read_stdin() -> str | None:
     return sys.stdin.read()
 
 
-def one_shot(opts: RunOptions, question: str, *, as_json: bool, image: str | None = None,
-             default_model: str | None = None) -> None:
+def one_shot(
+    opts: RunOptions,
+    question: str,
+    *,
+    as_json: bool,
+    image: str | None = None,
+    default_model: str | None = None,
+) -> None:
     model = load_model(opts, default_model=default_model)
     config = opts.config(model)
     messages = [Message("system", opts.system)] if opts.system else []
     messages.append(Message("user", question, image))
     t0 = time.perf_counter()
-    reply, _ = stream_reply(model, messages, config, out=None if as_json else write_out,
-                            verbose=opts.verbose)
+    reply, _ = stream_reply(
+        model, messages, config, out=None if as_json else write_out, verbose=opts.verbose
+    )
     if as_json:
         s, i = model.last_stats, model.info
-        print(json.dumps({
-            "model": model.name, "reply": reply, "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": s.completion_tokens, "seconds": round(time.perf_counter() - t0, 4),
-            "ttft_seconds": round(s.ttft_s, 4),
-            "decode_tokens_per_second": round(s.decode_tokens_per_s, 2),
-            "finish_reason": s.finish_reason, "device": i.device, "dtype": i.dtype,
-            "quant": i.quant, "config": config.to_dict(),
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "model": model.name,
+                    "reply": reply,
+                    "prompt_tokens": s.prompt_tokens,
+                    "completion_tokens": s.completion_tokens,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                    "ttft_seconds": round(s.ttft_s, 4),
+                    "decode_tokens_per_second": round(s.decode_tokens_per_s, 2),
+                    "finish_reason": s.finish_reason,
+                    "device": i.device,
+                    "dtype": i.dtype,
+                    "quant": i.quant,
+                    "config": config.to_dict(),
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         write_out("\n")
 
@@ -232,8 +339,9 @@ def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> N
             continue
         msg = Message("user", line, image)
         image = None  # attached once, to the first question
-        reply, kept = stream_reply(model, [*history, msg], config, out=write_out,
-                                   verbose=opts.verbose)
+        reply, kept = stream_reply(
+            model, [*history, msg], config, out=write_out, verbose=opts.verbose
+        )
         write_out("\n")
         history = [*kept, Message("assistant", reply)]
 
@@ -241,18 +349,46 @@ def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> N
 # -- commands -------------------------------------------------------------------------------------
 @app.command()
 def ask(
-    question: Annotated[str | None, typer.Argument(help="The question; stdin is prepended when piped.")] = None,
-    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
-    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    question: Annotated[
+        str | None, typer.Argument(help="The question; stdin is prepended when piped.")
+    ] = None,
+    model: ModelOpt = None,
+    model_path: PathOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "16",
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    max_length: MaxLenOpt = None,
+    seed: SeedOpt = None,
     system: SystemOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the reply and figures")] = False,
-    verbose: VerboseOpt = False, debug: DebugOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
+    ] = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
-    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
-                       repetition_penalty, max_new_tokens, max_length, seed, system, verbose, debug)
+    opts = run_options(
+        model,
+        model_path,
+        device,
+        dtype,
+        quant,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        max_new_tokens,
+        max_length,
+        seed,
+        system,
+        verbose,
+        debug,
+    )
 
     def run() -> None:
         opts.validate()
@@ -267,30 +403,68 @@ def ask(
 
 @app.command()
 def chat(
-    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
-    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    model: ModelOpt = None,
+    model_path: PathOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "16",
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    max_length: MaxLenOpt = None,
+    seed: SeedOpt = None,
     system: SystemOpt = None,
-    plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")] = False,
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
+    ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
-    verbose: VerboseOpt = False, debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
-    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
-                       repetition_penalty, max_new_tokens, max_length, seed, system, verbose, debug)
+    opts = run_options(
+        model,
+        model_path,
+        device,
+        dtype,
+        quant,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        max_new_tokens,
+        max_length,
+        seed,
+        system,
+        verbose,
+        debug,
+    )
     guarded(debug, lambda: interactive(opts, plain=plain, stats=stats))
 
 
-def interactive(opts: RunOptions, *, plain: bool, stats: bool, image: str | None = None,
-                default_model: str = "chatglm2-6b") -> None:
+def interactive(
+    opts: RunOptions,
+    *,
+    plain: bool,
+    stats: bool,
+    image: str | None = None,
+    default_model: str = "chatglm2-6b",
+) -> None:
     opts.validate()
     chat_model = load_model(opts, default_model=default_model)
     if sys.stdin is not None and sys.stdin.isatty():
         from llmchat.repl import run_repl
 
-        code = run_repl(chat_model, opts.config(chat_model), system=opts.system, image=image,
-                        plain=plain, stats=stats or opts.verbose)
+        code = run_repl(
+            chat_model,
+            opts.config(chat_model),
+            system=opts.system,
+            image=image,
+            plain=plain,
+            stats=stats or opts.verbose,
+        )
         raise typer.Exit(code)
     line_chat(opts, chat_model, image)
 
@@ -298,18 +472,44 @@ def interactive(opts: RunOptions, *, plain: bool, stats: bool, image: str | None
 @app.command()
 def image(
     path: Annotated[str, typer.Argument(help="Image file (JPEG, PNG, ...)")],
-    question: Annotated[str | None, typer.Argument(help="Question; without it, a chat about the image")] = None,
-    model: ModelOpt = None, model_path: PathOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", quant: QuantOpt = "16", temperature: TempOpt = None,
-    top_p: TopPOpt = None, top_k: TopKOpt = None, repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None,
+    question: Annotated[
+        str | None, typer.Argument(help="Question; without it, a chat about the image")
+    ] = None,
+    model: ModelOpt = None,
+    model_path: PathOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "16",
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    max_length: MaxLenOpt = None,
+    seed: SeedOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of Markdown")] = False,
-    verbose: VerboseOpt = False, debug: DebugOpt = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Chat about a picture with VisualGLM-6B."""
-    opts = run_options(model, model_path, device, dtype, quant, temperature, top_p, top_k,
-                       repetition_penalty, max_new_tokens, max_length, seed, None, verbose, debug)
+    opts = run_options(
+        model,
+        model_path,
+        device,
+        dtype,
+        quant,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        max_new_tokens,
+        max_length,
+        seed,
+        None,
+        verbose,
+        debug,
+    )
 
     def run() -> None:
         opts.validate()
@@ -319,8 +519,9 @@ def image(
         if question is not None:
             if not question.strip():
                 raise UsageError("empty question")
-            one_shot(opts, question.strip(), as_json=as_json, image=path,
-                     default_model="visualglm-6b")
+            one_shot(
+                opts, question.strip(), as_json=as_json, image=path, default_model="visualglm-6b"
+            )
         else:
             interactive(opts, plain=plain, stats=False, image=path, default_model="visualglm-6b")
 
@@ -338,9 +539,17 @@ def models(
     rows = []
     for spec in all_models().values():
         cached = cached_snapshot(spec)
-        rows.append({"name": spec.name, "aliases": list(spec.aliases), "hub_id": spec.hub_id,
-                     "images": spec.supports_images, "memory_gb": spec.memory_gb,
-                     "cached": str(cached) if cached else None, "description": spec.description})
+        rows.append(
+            {
+                "name": spec.name,
+                "aliases": list(spec.aliases),
+                "hub_id": spec.hub_id,
+                "images": spec.supports_images,
+                "memory_gb": spec.memory_gb,
+                "cached": str(cached) if cached else None,
+                "description": spec.description,
+            }
+        )
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -351,18 +560,38 @@ def models(
         table.add_column(col)
     for r in rows:
         mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
-        table.add_row(r["name"], ", ".join(r["aliases"]), r["hub_id"], mem,
-                      "[green]yes[/]" if r["cached"] else "[dim]no[/]")
+        table.add_row(
+            r["name"],
+            ", ".join(r["aliases"]),
+            r["hub_id"],
+            mem,
+            "[green]yes[/]" if r["cached"] else "[dim]no[/]",
+        )
     Console().print(table)
 
 
 @app.command()
 def bench(
-    model: ModelOpt = None, model_path: PathOpt = None,
-    random: Annotated[str | None, typer.Option("--random", help="Build a full-size random-weight model of this preset (no download), e.g. chatglm2-6b")] = None,
-    layers: Annotated[int | None, typer.Option("--layers", help="With --random: keep only this many layers (same widths)")] = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", quant: QuantOpt = "16",
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=2, help="Prompt length")] = 128,
+    model: ModelOpt = None,
+    model_path: PathOpt = None,
+    random: Annotated[
+        str | None,
+        typer.Option(
+            "--random",
+            help="Build a full-size random-weight model of this preset (no download), "
+            "e.g. chatglm2-6b",
+        ),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option("--layers", help="With --random: keep only this many layers (same widths)"),
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "16",
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=2, help="Prompt length")
+    ] = 128,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens to decode")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
     debug: DebugOpt = False,
@@ -376,28 +605,41 @@ def bench(
             raise UsageError("--layers needs --random and a positive count")
         from llmchat.bench import run as run_bench
 
-        r = run_bench(model, model_path=model_path, random_shape=random, quant=quant,
-                      device=device, dtype=dtype, prompt_tokens=prompt_tokens,
-                      new_tokens=new_tokens, layers=layers)
+        r = run_bench(
+            model,
+            model_path=model_path,
+            random_shape=random,
+            quant=quant,
+            device=device,
+            dtype=dtype,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            layers=layers,
+        )
         if as_json:
             print(json.dumps(r.to_dict()))
             return
         from rich.table import Table
 
-        t = Table(title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
-                  f"{r.extra.get('layers')} layers · {r.threads} threads", box=None)
+        t = Table(
+            title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
+            f"{r.extra.get('layers')} layers · {r.threads} threads",
+            box=None,
+        )
         t.add_column("metric")
         t.add_column("value", justify="right")
-        for k, v in (("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
-                     ("time to first token", f"{r.ttft_ms:,.1f} ms"),
-                     ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
-                     ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
-                     ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
-                     ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
-                     ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
-                     ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
-                     ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
-                     ("decode path", r.decode_path)):
+        for k, v in (
+            ("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
+            ("time to first token", f"{r.ttft_ms:,.1f} ms"),
+            ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
+            ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
+            ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
+            ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
+            ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
+            ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
+            ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
+            ("decode path", r.decode_path),
+        ):
             t.add_row(k, v)
         Console().print(t)
 

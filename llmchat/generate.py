@@ -8,6 +8,7 @@ then temperature, top-k, top-p; greedy (argmax) when temperature is 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+
 import torch
 from torch import Tensor, nn
 

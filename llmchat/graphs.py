@@ -54,15 +54,15 @@ class StaticDecoder:
             self.cache.static = False
 
     def _snapshot(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.cache.meta.items() if isinstance(v, Tensor)}
+        return {k: v.clone() for k, v in self.cache.state.items()}
 
     def _restore(self, saved: dict[str, Tensor]) -> None:
         for k, v in saved.items():
-            self.cache.meta[k].copy_(v)
+            self.cache.state[k].copy_(v)
 
     def _capture(self, key: object) -> None:
         """Warm up on a side stream (as CUDA graphs require), then record one static step.
-        Device state that the warm-up advanced (per-sequence tensors in cache.meta) is restored."""
+        Device state that the warm-up advanced (``cache.state``) is restored."""
         self.graph = None
         saved = self._snapshot()
         stream = torch.cuda.Stream(self.cache.device)

@@ -39,7 +39,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
-# -- device and dtype ------------------------------------------------------------------------------
+# -- device and dtype -----------------------------------------------------------------------------
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → the first CUDA GPU if there is one, else the CPU."""
     name = (device or "auto").strip().lower()
@@ -77,13 +77,11 @@ def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec, quant: int)
         else:
             name = "bfloat16" if quant != 16 else "float32"
     if name not in DTYPES:
-        raise UsageError(
-            f"invalid --dtype {dtype!r}; use auto, float32, float16 or bfloat16"
-        )
+        raise UsageError(f"invalid --dtype {dtype!r}; use auto, float32, float16 or bfloat16")
     return DTYPES[name]
 
 
-# -- finding the checkpoint -------------------------------------------------------------------------
+# -- finding the checkpoint -----------------------------------------------------------------------
 def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     """The preset's directory in the standard Hugging Face cache, downloading it if allowed."""
     try:
@@ -131,7 +129,7 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-# -- shards --------------------------------------------------------------------------------------------
+# -- shards ---------------------------------------------------------------------------------------
 def checkpoint_files(path: Path) -> list[Path]:
     """The weight files of a checkpoint, in index order; every listed shard must exist."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -166,9 +164,17 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError) as exc:
-        raise CheckpointError(f"cannot read {file.name}: truncated or corrupt ({_short(exc)})") from None
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as exc:
+        raise CheckpointError(
+            f"cannot read {file.name}: truncated or corrupt ({_short(exc)})"
+        ) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{file.name} does not hold a state dict")
     return sd
@@ -291,11 +297,25 @@ def build_model(
     if bits != 16 or checkpoint_bits:
         from llmchat.quant import prepare_model
 
-        prepare_model(net, module.QUANT_LINEARS, bits, checkpoint_bits=checkpoint_bits,
-                      dtype=dtype, device=device, skip=getattr(module, "quant_skip", None))
-    load_weights(net, tensors, module.checkpoint_key, dtype=dtype, device=device,
-                 total_bytes=total_bytes, progress=progress,
-                 keep_dtype=getattr(module, "keep_dtype", None))
+        prepare_model(
+            net,
+            module.QUANT_LINEARS,
+            bits,
+            checkpoint_bits=checkpoint_bits,
+            dtype=dtype,
+            device=device,
+            skip=getattr(module, "quant_skip", None),
+        )
+    load_weights(
+        net,
+        tensors,
+        module.checkpoint_key,
+        dtype=dtype,
+        device=device,
+        total_bytes=total_bytes,
+        progress=progress,
+        keep_dtype=getattr(module, "keep_dtype", None),
+    )
     return net.eval()
 
 
@@ -330,16 +350,23 @@ def load(
     tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
     ckpt_bits = int(hf.get("quantization_bit") or 0)
-    net = build_model(module, cfg, iter_tensors(files), bits=bits, checkpoint_bits=ckpt_bits,
-                      dtype=torch_dtype, device=dev, progress=progress,
-                      total_bytes=sum(f.stat().st_size for f in files))
+    net = build_model(
+        module,
+        cfg,
+        iter_tensors(files),
+        bits=bits,
+        checkpoint_bits=ckpt_bits,
+        dtype=torch_dtype,
+        device=dev,
+        progress=progress,
+        total_bytes=sum(f.stat().st_size for f in files),
+    )
     info = LoadInfo(
         path=str(path),
         device=str(dev),
         dtype=str(torch_dtype).removeprefix("torch."),
         quant=bits if bits != 16 else (ckpt_bits or 16),
-        weight_bytes=sum(t.numel() * t.element_size()
-                         for t in [*net.parameters(), *net.buffers()]),
+        weight_bytes=sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()]),
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )

@@ -87,7 +87,9 @@ class GenerationConfig:
             or self.max_new_tokens < 1
         ):
             raise bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise bad(f"seed must be an integer, got {self.seed!r}")
 
     def with_(self, **changes: Any) -> GenerationConfig:
@@ -122,7 +124,9 @@ class ReplyStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
-def split_turns(messages: list[Message] | tuple[Message, ...]) -> tuple[str | None, list[tuple[str, str]], str]:
+def split_turns(
+    messages: list[Message] | tuple[Message, ...],
+) -> tuple[str | None, list[tuple[str, str]], str]:
     """Split a conversation into (system prompt, [(question, answer), ...], new question).
 
     The conversation is an optional system message, alternating user/assistant messages, and a

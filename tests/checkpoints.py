@@ -20,7 +20,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ENV = "LLMCHAT_SHARED"
-REQUIRE_ENV = "LLMCHAT_REQUIRE_SHARED"  # set by .ci/run: a missing shared/ fails instead of skipping
+REQUIRE_ENV = (
+    "LLMCHAT_REQUIRE_SHARED"  # set by .ci/run: a missing shared/ fails instead of skipping
+)
 
 
 def shared_dir() -> Path:
@@ -42,14 +44,20 @@ def upstream_config(name: str) -> dict[str, Any]:
     return json.loads(shared(f"configs-upstream/{name}/config.json").read_text())
 
 
-def random_state_dict(model: torch.nn.Module, *, seed: int = 0, std: float = 0.5,
-                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    model: torch.nn.Module, *, seed: int = 0, std: float = 0.5, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     """Random values for every parameter; norm weights near 1 so activations stay sane."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
-        if name.endswith("norm.weight") or name.endswith("ln_1.weight") or name.endswith(
-            "ln_2.weight") or name.endswith("ln_f.weight") or "layernorm.weight" in name:
+        if (
+            name.endswith("norm.weight")
+            or name.endswith("ln_1.weight")
+            or name.endswith("ln_2.weight")
+            or name.endswith("ln_f.weight")
+            or "layernorm.weight" in name
+        ):
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
         else:
             t = torch.randn(p.shape, generator=g) * std
@@ -103,22 +111,29 @@ def save_checkpoint(
         weight_map.update(dict.fromkeys(group, name))
     if len(groups) > 1:
         index = "pytorch_model.bin.index.json" if ext == "bin" else "model.safetensors.index.json"
-        (path / index).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (path / index).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     return path
 
 
-def build_state_dict(model_cls: Callable[[Any], torch.nn.Module], cfg: Any, **kw: Any
-                     ) -> dict[str, torch.Tensor]:
+def build_state_dict(
+    model_cls: Callable[[Any], torch.nn.Module], cfg: Any, **kw: Any
+) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = model_cls(cfg)
     return random_state_dict(model, **kw)
 
 
-# -- ChatGLM2-6B --------------------------------------------------------------------------------------
+# -- ChatGLM2-6B ----------------------------------------------------------------------------------
 CHATGLM2_TINY = {
-    "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "kv_channels": 16,
-    "multi_query_group_num": 2, "ffn_hidden_size": 96, "seq_length": 512,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "multi_query_group_num": 2,
+    "ffn_hidden_size": 96,
+    "seq_length": 512,
 }
 
 
@@ -129,9 +144,14 @@ def chatglm2_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def chatglm2_checkpoint(path: Path, *, fmt: str = "bin-sharded", seed: int = 0,
-                        state_dict: dict[str, torch.Tensor] | None = None,
-                        **overrides: Any) -> Path:
+def chatglm2_checkpoint(
+    path: Path,
+    *,
+    fmt: str = "bin-sharded",
+    seed: int = 0,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **overrides: Any,
+) -> Path:
     """A tiny ChatGLM2-6B directory with the real tokenizer and upstream key names."""
     from llmchat.models import chatglm2
 
@@ -139,8 +159,14 @@ def chatglm2_checkpoint(path: Path, *, fmt: str = "bin-sharded", seed: int = 0,
     if state_dict is None:
         state_dict = build_state_dict(chatglm2.Model, chatglm2.Config.from_hf(hf), seed=seed)
         # the upstream checkpoints carry the (unused) rotary buffer too
-        state_dict["transformer.rotary_pos_emb.inv_freq"] = 1.0 / 10000 ** (
-            torch.arange(0, 8, 2).float() / 8).half()
+        state_dict["transformer.rotary_pos_emb.inv_freq"] = (
+            1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8).half()
+        )
     tok = shared("tokenizers/chatglm2-6b")
-    return save_checkpoint(path, hf, state_dict, fmt=fmt,
-                           tokenizer_files=(tok / "tokenizer.model", tok / "tokenizer_config.json"))
+    return save_checkpoint(
+        path,
+        hf,
+        state_dict,
+        fmt=fmt,
+        tokenizer_files=(tok / "tokenizer.model", tok / "tokenizer_config.json"),
+    )

@@ -38,12 +38,19 @@ def state_dict() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fmt", ["bin-sharded", "bin", "safetensors", "safetensors-sharded"])
-def test_every_storage_format_loads_the_same_weights(tmp_path: Path, fmt: str,
-                                                     state_dict: dict) -> None:
-    ref = load(model_path=chatglm2_checkpoint(tmp_path / "ref", fmt="bin", state_dict=state_dict),
-               device="cpu", dtype="float32")
-    other = load(model_path=chatglm2_checkpoint(tmp_path / fmt, fmt=fmt, state_dict=state_dict),
-                 device="cpu", dtype="float32")
+def test_every_storage_format_loads_the_same_weights(
+    tmp_path: Path, fmt: str, state_dict: dict
+) -> None:
+    ref = load(
+        model_path=chatglm2_checkpoint(tmp_path / "ref", fmt="bin", state_dict=state_dict),
+        device="cpu",
+        dtype="float32",
+    )
+    other = load(
+        model_path=chatglm2_checkpoint(tmp_path / fmt, fmt=fmt, state_dict=state_dict),
+        device="cpu",
+        dtype="float32",
+    )
     assert torch.equal(logits(ref), logits(other))
     assert other.info.dtype == "float32" and other.info.quant == 16
     weights = {p.dtype for p in other.model.parameters()}
@@ -56,10 +63,13 @@ def test_sharded_bin_has_upstream_names(glm2_dir: Path) -> None:
     assert "pytorch_model.bin.index.json" in names
     assert "pytorch_model-00001-of-00002.bin" in names
     index = json.loads((glm2_dir / "pytorch_model.bin.index.json").read_text())
-    assert "transformer.encoder.layers.0.self_attention.query_key_value.weight" in index[
-        "weight_map"]
+    assert (
+        "transformer.encoder.layers.0.self_attention.query_key_value.weight" in index["weight_map"]
+    )
     assert [f.name for f in checkpoint_files(glm2_dir)] == [
-        "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
 
 
 def test_bf16_and_fp16_dtypes(glm2_dir: Path) -> None:
@@ -93,7 +103,7 @@ def test_bin_is_loaded_weights_only(tmp_path: Path, state_dict: dict) -> None:
         load(model_path=d, device="cpu")
 
 
-# -- bad input -------------------------------------------------------------------------------------
+# -- bad input ------------------------------------------------------------------------------------
 def copy_ckpt(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -119,8 +129,9 @@ def test_no_config_and_bad_config(tmp_path: Path, glm2_dir: Path) -> None:
 
 def test_unknown_architecture(tmp_path: Path, glm2_dir: Path) -> None:
     d = copy_ckpt(glm2_dir, tmp_path / "m")
-    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                               "model_type": "llama"}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     with pytest.raises(UnsupportedCheckpointError, match="LlamaForCausalLM"):
         load(model_path=d)
 
@@ -200,12 +211,15 @@ def test_hub_name_offline_gives_clear_error() -> None:
         load("chatglm2")
 
 
-# -- conversation fitting ---------------------------------------------------------------------------
+# -- conversation fitting -------------------------------------------------------------------------
 def test_fit_drops_oldest_turns_and_overflow_is_an_error(glm2_dir: Path) -> None:
     m = load(model_path=glm2_dir, device="cpu", dtype="float32")
     msgs = []
     for i in range(6):
-        msgs += [Message("user", f"问题 {i} " + "很长的问题 " * 10), Message("assistant", "回答 " * 10)]
+        msgs += [
+            Message("user", f"问题 {i} " + "很长的问题 " * 10),
+            Message("assistant", "回答 " * 10),
+        ]
     msgs.append(Message("user", "最后的问题"))
     cfg = m.defaults.with_(max_length=400, max_new_tokens=50)
     full = m.count_tokens(msgs)
@@ -224,7 +238,11 @@ def test_fit_drops_oldest_turns_and_overflow_is_an_error(glm2_dir: Path) -> None
 def test_stream_equals_chat_and_stats(glm2_dir: Path) -> None:
     m = load(model_path=glm2_dir, device="cpu", dtype="float32")
     cfg = m.defaults.with_(temperature=0, max_new_tokens=24)
-    msgs = [Message("user", "你好"), Message("assistant", "你好！"), Message("user", "介绍一下你自己")]
+    msgs = [
+        Message("user", "你好"),
+        Message("assistant", "你好！"),
+        Message("user", "介绍一下你自己"),
+    ]
     streamed = list(m.stream_chat(msgs, cfg))
     assert "".join(streamed) == m.chat(msgs, cfg) == m.last_stats.extra["reply"]
     s = m.last_stats

@@ -12,7 +12,7 @@ import torch
 from llmchat.cache import KVCache
 from llmchat.generate import generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
-from llmchat.models import chatglm2, qwen
+from llmchat.models import chatglm, chatglm2, qwen
 from llmchat.types import GenerationConfig
 from tests.checkpoints import build_state_dict
 
@@ -25,11 +25,16 @@ def tiny(module, **cfg):  # noqa: ANN001, ANN201
 
 
 MODELS = {
+    "chatglm": lambda: tiny(chatglm, vocab_size=130528, hidden_size=32, num_layers=2,
+                            num_heads=4, inner_hidden_size=128, max_sequence_length=256),
     "chatglm2": lambda: tiny(chatglm2, vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
                              kv_channels=8, num_kv_groups=2, ffn_hidden_size=48, seq_length=256),
     "qwen": lambda: tiny(qwen, vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
                          kv_channels=8, intermediate_size=64, seq_length=256, max_positions=512),
 }
+
+
+PROMPTS = {"chatglm": [3, 17, 42, 8, 130001, 130004]}  # GLM v1 prompts end [gMASK] <sop>
 
 
 def greedy(model, prompt, n, step=None, max_len=64):  # noqa: ANN001, ANN201
@@ -43,7 +48,7 @@ def greedy(model, prompt, n, step=None, max_len=64):  # noqa: ANN001, ANN201
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_static_steps_equal_eager_steps(name: str) -> None:
     model = MODELS[name]()
-    prompt = [3, 17, 42, 8, 5, 60]
+    prompt = PROMPTS.get(name, [3, 17, 42, 8, 5, 60])
     eager, _ = greedy(model, prompt, 20)
     decoders: list[StaticDecoder] = []
 
@@ -61,7 +66,8 @@ def test_static_steps_equal_eager_steps(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_static_logits_match_to_float_precision(name: str) -> None:
     model = MODELS[name]()
-    ids = torch.tensor([[5, 9, 33, 2, 71, 14, 40, 3]])
+    gmask, sop = (130001, 130004) if name == "chatglm" else (71, 2)
+    ids = torch.tensor([[5, 9, 33, gmask, sop, 14, 40, 3]])
     with torch.no_grad():
         c1 = model.make_cache(32, dtype=torch.float32, device="cpu")
         model(ids[:, :5], c1)
@@ -73,6 +79,21 @@ def test_static_logits_match_to_float_precision(name: str) -> None:
     for a, b in zip(eager, static, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c1.k[:, :, :, :8], c2.k[:, :, :, :8])
+
+
+def test_glm_static_state_survives_reset_and_tracks_new_prompts() -> None:
+    model = MODELS["chatglm"]()
+    cache = model.make_cache(32, dtype=torch.float32, device="cpu")
+    dec = StaticDecoder(model, cache, capture=False)
+    sample = make_sampler(GenerationConfig(temperature=0))
+    runs = []
+    for prompt in ([3, 17, 130001, 130004], [9, 9, 9, 9, 9, 130001, 130004]):
+        cache.reset()
+        runs.append(list(generate_tokens(model, prompt, cache, sample=sample, max_new_tokens=8,
+                                         stop_ids=frozenset(), step=dec)))
+        eager, _ = greedy(model, prompt, 8)
+        assert runs[-1] == eager
+    assert cache.state_version == 2  # allocated once per tensor, then reused in place
 
 
 def test_qwen_falls_back_to_eager_past_seq_length() -> None:
@@ -111,7 +132,7 @@ def test_kv_cache_static_addressing() -> None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cuda_graph_decode_equals_eager(name: str) -> None:
     model = MODELS[name]().cuda()
-    prompt = [3, 17, 42, 8, 5, 60]
+    prompt = PROMPTS.get(name, [3, 17, 42, 8, 5, 60])
 
     def run(step):  # noqa: ANN001, ANN202
         cache = model.make_cache(64, dtype=torch.float32, device="cuda")

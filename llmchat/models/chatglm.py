@@ -154,14 +154,18 @@ def glm_positions(
         # causal, except that context columns are visible to every row
         masked = (ar[None, None, :] > ar[None, :, None]) & (ar[None, None, :] >= ctx[:, None, None])
         if cache is not None:
-            cache.meta.update(mask_position=mask_pos, block_position=block[:, -1])
+            cache.meta["glm_prefilled"] = True
+            cache.set_state("mask_position", mask_pos)
+            cache.set_state("block_position", block[:, -1])
         return pos, block, masked[:, None]  # mask (B, 1, T, T)
-    if "mask_position" not in cache.meta:
+    if not cache.meta.get("glm_prefilled"):
         raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
-    mask_pos, last = cache.meta["mask_position"], cache.meta["block_position"]
+    mask_pos, last = cache.state["mask_position"], cache.state["block_position"]
     pos = mask_pos[:, None].expand(b, t)
     block = last[:, None] + 1 + ar[None, :]
-    cache.meta["block_position"] = block[:, -1]
+    last.copy_(block[:, -1])  # in place: a captured decode step replays this update
+    if cache.static:  # one token over the whole static buffer: hide the unwritten slots
+        return pos, block, ~cache.valid_mask()
     if t == 1:
         return pos, block, None  # a single new token sees everything
     s = cache.offset + t
@@ -263,6 +267,12 @@ class Model(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.max_positions: int | None = cfg.max_sequence_length  # the trained context
+        self.tied_output = True  # the output layer streams the embedding matrix (benchmarks)
+
+    def static_key(self, cache: KVCache) -> object | None:
+        """Decode steps read only device state (``cache.state``): capturable until that state
+        is reallocated."""
+        return cache.state_version
 
     def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
         c = self.config

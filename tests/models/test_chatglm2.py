@@ -14,8 +14,16 @@ from llmchat.tokenizer import StreamDecoder
 from llmchat.types import Message
 from tests.checkpoints import build_state_dict, chatglm2_config, shared
 
-TINY = chatglm2.Config(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, kv_channels=16,
-                       num_kv_groups=2, ffn_hidden_size=96, seq_length=256)
+TINY = chatglm2.Config(
+    vocab_size=128,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    kv_channels=16,
+    num_kv_groups=2,
+    ffn_hidden_size=96,
+    seq_length=256,
+)
 
 
 def tiny_model(cfg: chatglm2.Config = TINY, seed: int = 0, std: float = 0.1) -> chatglm2.Model:
@@ -38,25 +46,40 @@ def read_golden(path: Path) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]
         return torch.from_numpy(arr.copy()).reshape(shape)
 
     p = "transformer.encoder.layers.0."
-    sd = {"transformer.embedding.word_embeddings.weight": take([5, 32]),
-          p + "input_layernorm.weight": take([32]),
-          p + "self_attention.query_key_value.weight": take([48, 32]),
-          p + "self_attention.query_key_value.bias": take([48]),
-          p + "self_attention.dense.weight": take([32, 32]),
-          p + "post_attention_layernorm.weight": take([32]),
-          p + "mlp.dense_h_to_4h.weight": take([96, 32]),
-          p + "mlp.dense_4h_to_h.weight": take([32, 48]),
-          "transformer.encoder.final_layernorm.weight": take([32])}
-    io = [take([1, 3], np.int32), take([1, 3, 32]), take([1, 1], np.int32), take([1, 1, 32]),
-          take([1, 1], np.int32), take([1, 1, 32])]
+    sd = {
+        "transformer.embedding.word_embeddings.weight": take([5, 32]),
+        p + "input_layernorm.weight": take([32]),
+        p + "self_attention.query_key_value.weight": take([48, 32]),
+        p + "self_attention.query_key_value.bias": take([48]),
+        p + "self_attention.dense.weight": take([32, 32]),
+        p + "post_attention_layernorm.weight": take([32]),
+        p + "mlp.dense_h_to_4h.weight": take([96, 32]),
+        p + "mlp.dense_4h_to_h.weight": take([32, 48]),
+        "transformer.encoder.final_layernorm.weight": take([32]),
+    }
+    io = [
+        take([1, 3], np.int32),
+        take([1, 3, 32]),
+        take([1, 1], np.int32),
+        take([1, 1, 32]),
+        take([1, 1], np.int32),
+        take([1, 1, 32]),
+    ]
     assert off == len(raw), "golden file not fully consumed"
     return sd, io
 
 
 def test_block_matches_chatglm_cpp_golden_tensors() -> None:
     sd, (x1, y1, x2, y2, x3, y3) = read_golden(shared("golden/chatglm.cpp/glm2_model.data"))
-    cfg = chatglm2.Config(vocab_size=5, hidden_size=32, num_layers=1, num_heads=8, kv_channels=4,
-                          num_kv_groups=2, ffn_hidden_size=48)
+    cfg = chatglm2.Config(
+        vocab_size=5,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=8,
+        kv_channels=4,
+        num_kv_groups=2,
+        ffn_hidden_size=48,
+    )
     model = chatglm2.Model(cfg)
     sd["transformer.output_layer.weight"] = torch.zeros(5, 32)
     model.load_state_dict(sd)
@@ -119,8 +142,9 @@ def test_rope_table_stays_exact_at_long_positions() -> None:
     # fp32 angles: position 30000 must rotate by exactly 30000 * inv_freq (mod 2π)
     pos = torch.tensor([30000])
     cos, sin = chatglm2.rope_cos_sin(pos, 64, 10000.0)
-    want = torch.tensor(30000.0, dtype=torch.float64) * (1.0 / 10000 ** (torch.arange(0, 64, 2,
-                                                         dtype=torch.float64) / 64))
+    want = torch.tensor(30000.0, dtype=torch.float64) * (
+        1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    )
     assert torch.allclose(cos[0].double(), want.cos(), atol=5e-3)
     assert torch.allclose(sin[0].double(), want.sin(), atol=5e-3)
 
@@ -128,19 +152,31 @@ def test_rope_table_stays_exact_at_long_positions() -> None:
 def test_config_from_upstream_json_and_unsupported_settings() -> None:
     cfg = chatglm2.Config.from_hf(chatglm2_config())
     assert (cfg.hidden_size, cfg.num_kv_groups, cfg.vocab_size) == (64, 2, 65024)
-    full = chatglm2.Config.from_hf(chatglm2_config(hidden_size=4096, num_layers=28,
-                                                   num_attention_heads=32, kv_channels=128,
-                                                   ffn_hidden_size=13696, seq_length=32768))
+    full = chatglm2.Config.from_hf(
+        chatglm2_config(
+            hidden_size=4096,
+            num_layers=28,
+            num_attention_heads=32,
+            kv_channels=128,
+            ffn_hidden_size=13696,
+            seq_length=32768,
+        )
+    )
     assert full == chatglm2.Config()
     from llmchat.errors import UnsupportedCheckpointError
 
-    for bad in ({"rmsnorm": False}, {"add_bias_linear": True}, {"multi_query_attention": False},
-                {"original_rope": False}, {"pre_seq_len": 128}):
+    for bad in (
+        {"rmsnorm": False},
+        {"add_bias_linear": True},
+        {"multi_query_attention": False},
+        {"original_rope": False},
+        {"pre_seq_len": 128},
+    ):
         with pytest.raises(UnsupportedCheckpointError):
             chatglm2.Config.from_hf(chatglm2_config(**bad))
 
 
-# -- tokenizer and template --------------------------------------------------------------------------
+# -- tokenizer and template -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok() -> chatglm2.ChatGLM2Tokenizer:
     return chatglm2.load_tokenizer(shared("tokenizers/chatglm2-6b"))
@@ -148,13 +184,38 @@ def tok() -> chatglm2.ChatGLM2Tokenizer:
 
 def test_reference_token_ids(tok: chatglm2.ChatGLM2Tokenizer) -> None:
     ids = chatglm2.encode_messages(tok, [Message("user", "你好")])
-    assert ids == [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211,
-                   39701, 13, 13, 55437, 31211]
+    assert ids == [
+        64790,
+        64792,
+        790,
+        30951,
+        517,
+        30910,
+        30939,
+        30996,
+        13,
+        13,
+        54761,
+        31211,
+        39701,
+        13,
+        13,
+        55437,
+        31211,
+    ]
     assert (tok.gmask_id, tok.sop_id, tok.eos_id, tok.vocab_size) == (64790, 64792, 2, 64794)
 
 
-@pytest.mark.parametrize("text", ["你好，世界！", "def f(x):\n\treturn x  # 注释", "emoji 😀🎉 ok",
-                                  "  leading and trailing  ", "混合 English 和 中文 123"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "你好，世界！",
+        "def f(x):\n\treturn x  # 注释",
+        "emoji 😀🎉 ok",
+        "  leading and trailing  ",
+        "混合 English 和 中文 123",
+    ],
+)
 def test_tokenizer_round_trip(tok: chatglm2.ChatGLM2Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
@@ -167,9 +228,13 @@ def test_decode_drops_special_ids(tok: chatglm2.ChatGLM2Tokenizer) -> None:
 def test_template_golden_strings() -> None:
     one = [Message("user", "你好")]
     assert chatglm2.build_prompt(one) == "[Round 1]\n\n问：你好\n\n答："
-    three = [Message("user", "你好"), Message("assistant", "你好👋！"),
-             Message("user", "晚上睡不着"), Message("assistant", "试试运动。"),
-             Message("user", "还有呢")]
+    three = [
+        Message("user", "你好"),
+        Message("assistant", "你好👋！"),
+        Message("user", "晚上睡不着"),
+        Message("assistant", "试试运动。"),
+        Message("user", "还有呢"),
+    ]
     assert chatglm2.build_prompt(three) == (
         "[Round 1]\n\n问：你好\n\n答：你好👋！\n\n"
         "[Round 2]\n\n问：晚上睡不着\n\n答：试试运动。\n\n"
