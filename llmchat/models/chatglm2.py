@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
-from llmchat.models.layers import causal_attention
+from llmchat.models.layers import RMSNorm, causal_attention
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -115,19 +115,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
 
 
-class RMSNorm(nn.Module):
-    """Upstream order: normalise in fp32, multiply by the weight, then cast back."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -170,9 +157,9 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=False)
         self.self_attention = SelfAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=False)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
@@ -190,7 +177,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=False)
 
 
 class Transformer(nn.Module):

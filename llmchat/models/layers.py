@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 
@@ -26,3 +26,22 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> 
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32. Upstream models differ in where they cast back:
+    ChatGLM2 multiplies by the weight in fp32 and then casts (``cast_first=False``); Qwen casts
+    the normalised input back first and multiplies in the model dtype (``cast_first=True``)."""
+
+    def __init__(self, dim: int, eps: float, *, cast_first: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.cast_first = cast_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.cast_first:
+            return normed.to(x.dtype) * self.weight
+        return (self.weight * normed).to(x.dtype)

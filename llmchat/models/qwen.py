@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
-from llmchat.models.layers import causal_attention
+from llmchat.models.layers import RMSNorm, causal_attention
 from llmchat.types import Message, split_turns
 
 
@@ -174,21 +174,6 @@ def logn_scale(offset: int, t: int, seq_length: int, device: Any) -> Tensor:
     return scale.float()  # (T,)
 
 
-class RMSNorm(nn.Module):
-    """Upstream order: normalise in fp32, cast back to the input dtype, then times the weight."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * (
-            self.weight
-        )
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -231,9 +216,9 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=True)
         self.attn = Attention(cfg)
-        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=True)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -248,7 +233,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.ln_f = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.ln_f = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=True)
 
 
 class Model(nn.Module):

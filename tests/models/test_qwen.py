@@ -19,6 +19,7 @@ from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
 from llmchat.models import qwen
 from llmchat.models.base import LoadInfo, TransformerChatModel
+from llmchat.models.layers import RMSNorm
 from llmchat.registry import resolve
 from llmchat.types import GenerationConfig, Message
 from tests.checkpoints import REPO, shared, upstream_config
@@ -82,7 +83,8 @@ def test_chunked_prefill_and_last_only() -> None:
 
 
 def test_rmsnorm_casts_before_the_weight() -> None:
-    norm = qwen.RMSNorm(64, 1e-6).to(torch.bfloat16)
+    assert tiny_model().transformer.h[0].ln_1.cast_first  # Qwen's norms use this order
+    norm = RMSNorm(64, 1e-6, cast_first=True).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     norm.weight.data = (1 + 0.3 * torch.randn(64, generator=g)).to(torch.bfloat16)
     x = (3 * torch.randn(4, 64, generator=g)).to(torch.bfloat16)
