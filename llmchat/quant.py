@@ -127,7 +127,9 @@ def select_backend(bits: int, in_features: int, out_features: int, device: torch
         return Backend("int8pack_mm", max_rows=rows)
     k, n = in_features, out_features
     if cpu:
-        gs = _largest_divisor(k, (128, 64, 32))
+        # scales are all 1 (the row scale is applied after), so the group size is free: the
+        # largest one the kernel takes is the fastest (fewer scale loads)
+        gs = _largest_divisor(k, (256, 128, 64, 32))
         if dtype != torch.bfloat16:
             return Backend("dequant", note=(
                 f"torch's CPU int4 kernel is fast only with bfloat16 activations, not "
