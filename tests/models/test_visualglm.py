@@ -504,3 +504,43 @@ def test_cli_image_bad_file_is_one_line(vg_dir: Path, tmp_path: Path) -> None:
         assert res.exit_code != 0 and not isinstance(res.exception, ImageError)
         assert re.search(match, " ".join(res.output.split()))
         assert "Traceback" not in res.output
+
+
+def test_repl_image_switch_keeps_text_history(vg: visualglm.VisualGLMChatModel,
+                                              tmp_path: Path) -> None:
+    """The REPL on the real tiny VisualGLM: /image attaches, a second /image switches, and the
+    model sees the whole text history with the newest image."""
+    import io
+
+    from rich.console import Console
+
+    from llmchat.repl import run_repl
+
+    pic, other = noise_image(tmp_path / "p.png", seed=5), noise_image(tmp_path / "q.png", seed=6)
+    lines = iter([f"/image {pic}", "这是什么？", f"/image {other}", "换了一张呢？"])
+    seen: list[list[Message]] = []
+    real = vg.stream_chat
+
+    def spy(messages, config):  # type: ignore[no-untyped-def]
+        seen.append(list(messages))
+        return real(messages, config)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    vg.stream_chat = spy  # type: ignore[method-assign]
+    try:
+        code = run_repl(vg, GREEDY, read=read, console=Console(file=io.StringIO(), width=100),
+                        history_file=tmp_path / "history")
+    finally:
+        del vg.stream_chat
+    assert code == 0 and len(seen) == 2
+    first, second = seen
+    assert [m.image for m in first if m.role == "user"] == [str(pic.resolve())]
+    assert [(m.role, m.content) for m in second[:2]] == [("user", "这是什么？"),
+                                                       ("assistant", vg.chat(first, GREEDY))]
+    assert second[-1].content == "换了一张呢？" and second[-1].image == str(other.resolve())
+    assert vg.chat(second, GREEDY) == manual_greedy(vg, second, 6)
