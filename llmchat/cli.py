@@ -236,6 +236,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
         )
     if opts.system is not None and not model.supports_system:
         raise UsageError(f"{model.name} has no system role; --system is not available")
+    if "note" in model.info.extra:
+        err_console().print(f"[yellow]note:[/] {escape(str(model.info.extra['note']))}")
     if opts.verbose:
         i = model.info
         err_console().print(

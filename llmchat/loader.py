@@ -64,9 +64,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec, quant: int) -> torch.dtype:
-    """``auto``: the model's upstream CUDA dtype on GPU (bf16 only where supported); on CPU fp32,
-    or bf16 with ``--quant 8/4`` because torch's CPU int8/int4 kernels are fast only with bf16."""
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resolve_dtype(
+    dtype: str, device: torch.device, spec: ModelSpec, quant: int, fp32_bytes: int = 0
+) -> torch.dtype:
+    """``auto``: the model's upstream CUDA dtype on GPU (bf16 only where supported). On CPU fp32
+    (what upstream runs there), unless ``fp32_bytes`` would not fit in the available memory,
+    and bf16 with ``--quant 8/4`` because torch's CPU int8/int4 kernels are fast only with bf16."""
     name = (dtype or "auto").strip().lower()
     name = DTYPE_ALIASES.get(name, name)
     if name == "auto":
@@ -74,8 +89,11 @@ def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec, quant: int)
             name = spec.cuda_dtype
             if name == "bfloat16" and not torch.cuda.is_bf16_supported():
                 name = "float16"
+        elif quant != 16:
+            name = "bfloat16"
         else:
-            name = "bfloat16" if quant != 16 else "float32"
+            free = available_memory_bytes()
+            name = "bfloat16" if free and fp32_bytes > 0.8 * free else "float32"
     if name not in DTYPES:
         raise UsageError(f"invalid --dtype {dtype!r}; use auto, float32, float16 or bfloat16")
     return DTYPES[name]
@@ -344,11 +362,14 @@ def load(
         asked = resolve(model)
         if asked.name != spec.name:
             raise UsageError(f"--model {model} but {path} holds a {spec.name} checkpoint")
-    torch_dtype = resolve_dtype(dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)))
+    files = checkpoint_files(path)
+    fp32_bytes = 2 * sum(f.stat().st_size for f in files)  # checkpoints are fp16
+    torch_dtype = resolve_dtype(
+        dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)), fp32_bytes
+    )
     module = importlib.import_module(spec.module)
     cfg = module.Config.from_hf(hf)
     tokenizer = module.load_tokenizer(path)
-    files = checkpoint_files(path)
     ckpt_bits = int(hf.get("quantization_bit") or 0)
     net = build_model(
         module,
@@ -370,7 +391,14 @@ def load(
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
-    info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named for --verbose
+    info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
+        bits == 16 and not ckpt_bits
+    ):
+        info.extra["note"] = (
+            f"float32 needs {fp32_bytes / 2**30:.1f} GiB, more than the free memory allows: "
+            "running in bfloat16 (pass --dtype float32 to insist)"
+        )
     chat_cls: type[TransformerChatModel] = getattr(module, "ChatModelClass", TransformerChatModel)
     return chat_cls(spec, module, net, tokenizer, info)
 

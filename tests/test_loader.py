@@ -254,3 +254,15 @@ def test_stream_equals_chat_and_stats(glm2_dir: Path) -> None:
         m.chat([Message("system", "x"), Message("user", "hi")], cfg)
     with pytest.raises(UsageError, match="empty"):
         m.chat([Message("user", "  ")], cfg)
+
+
+def test_cpu_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(
+    glm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmchat.loader as loader_mod
+
+    assert load(model_path=glm2_dir, device="cpu").info.dtype == "float32"
+    monkeypatch.setattr(loader_mod, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB free
+    m = load(model_path=glm2_dir, device="cpu")
+    assert m.info.dtype == "bfloat16" and "--dtype float32" in m.info.extra["note"]
+    assert load(model_path=glm2_dir, device="cpu", dtype="float32").info.dtype == "float32"
