@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,8 +32,11 @@ from llmchat.types import GenerationConfig
 MODELS = {"chatglm2-6b": (chatglm2, hf_glm), "qwen-7b-chat": (qwen, hf_qwen2)}
 
 
+Runner = Callable[[int], tuple[float, list[int]]]  # k new tokens -> (seconds, tokens)
+
+
 def ours(model: Any, ids: list[int], n: int, device: torch.device, dtype: torch.dtype,
-         graphs: bool) -> tuple[float, float, list[int]]:
+         graphs: bool) -> Runner:
     cache = model.make_cache(len(ids) + n + 1, dtype=dtype, device=device)
     sample = make_sampler(GenerationConfig(temperature=0), device=device)
 
@@ -46,18 +50,15 @@ def ours(model: Any, ids: list[int], n: int, device: torch.device, dtype: torch.
         sync(device)
         return time.perf_counter() - t0, out
 
-    run(3)  # warm-up
-    prefill, _ = run(1)
-    total, toks = run(n)
-    return prefill, total, toks
+    return run
 
 
-@torch.inference_mode()
-def theirs(hf: Any, ids: list[int], n: int, device: torch.device) -> tuple[float, float, list[int]]:
+def theirs(hf: Any, ids: list[int], n: int, device: torch.device) -> Runner:
     x = torch.tensor([ids], device=device)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
 
+    @torch.inference_mode()
     def run(k: int) -> tuple[float, list[int]]:
         sync(device)
         t0 = time.perf_counter()
@@ -66,14 +67,19 @@ def theirs(hf: Any, ids: list[int], n: int, device: torch.device) -> tuple[float
         sync(device)
         return time.perf_counter() - t0, out[0, len(ids):].tolist()
 
-    run(3)
+    return run
+
+
+def decode_time(run: Runner, n: int) -> tuple[float, list[int]]:
+    """Seconds for n - 1 decode steps (a whole generation minus a prefill-only one)."""
     prefill, _ = run(1)
     total, toks = run(n)
-    return prefill, total, toks
+    return max(total - prefill, 1e-9), toks
 
 
 def compare(name: str, *, layers: int, dtype: torch.dtype, device: torch.device,
-            prompt_tokens: int, new_tokens: int, graphs: bool) -> dict[str, Any]:
+            prompt_tokens: int, new_tokens: int, graphs: bool, repeats: int = 3
+            ) -> dict[str, Any]:
     module, to_hf = MODELS[name]
     cfg = module.Config()
     if layers:
@@ -82,18 +88,21 @@ def compare(name: str, *, layers: int, dtype: torch.dtype, device: torch.device,
                         bits=16, checkpoint_bits=0, dtype=dtype, device=device)
     hf = to_hf(model).to(device=device, dtype=dtype)
     ids = prompt_ids(cfg, prompt_tokens, cfg.vocab_size)
-    p1, t1, ours_toks = ours(model, ids, new_tokens, device, dtype, graphs)
-    p2, t2, hf_toks = theirs(hf, ids, new_tokens, device)
-    d1 = (new_tokens - 1) / max(t1 - p1, 1e-9)
-    d2 = (new_tokens - 1) / max(t2 - p2, 1e-9)
+    a, b = ours(model, ids, new_tokens, device, dtype, graphs), theirs(hf, ids, new_tokens, device)
+    a(3), b(3)  # warm-up
+    best = {"a": float("inf"), "b": float("inf")}
+    for _ in range(repeats):  # alternate the two and keep each one's best: noise only slows
+        ta, ours_toks = decode_time(a, new_tokens)
+        tb, hf_toks = decode_time(b, new_tokens)
+        best["a"], best["b"] = min(best["a"], ta), min(best["b"], tb)
+    d1, d2 = (new_tokens - 1) / best["a"], (new_tokens - 1) / best["b"]
     agree = next((i for i, (a, b) in enumerate(zip(ours_toks, hf_toks, strict=True)) if a != b),
                  len(ours_toks))
     return {"model": name, "layers": cfg.num_layers, "dtype": str(dtype).removeprefix("torch."),
             "device": str(device), "threads": torch.get_num_threads(),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "llmchat_decode_tok_s": round(d1, 2), "hf_decode_tok_s": round(d2, 2),
-            "decode_ratio": round(d1 / d2, 2), "llmchat_prefill_s": round(p1, 3),
-            "hf_prefill_s": round(p2, 3), "same_tokens_first_n": agree,
+            "decode_ratio": round(d1 / d2, 2), "repeats": repeats, "same_tokens_first_n": agree,
             "decode_path": "cuda-graph" if graphs else "eager"}
 
 
@@ -105,6 +114,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="0 = full depth")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -113,7 +123,7 @@ def main() -> None:
         for dt in args.dtype.split(","):
             rows.append(compare(name, layers=args.layers, dtype=getattr(torch, dt), device=device,
                                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                                graphs=device.type == "cuda"))
+                                graphs=device.type == "cuda", repeats=args.repeats))
             if not args.json:
                 r = rows[-1]
                 print(f"{r['model']:13s} {r['dtype']:9s} {r['layers']:2d} layers  llmchat "
