@@ -51,7 +51,8 @@ def guard_invalid(logits: Tensor, fallback_id: int, *, check_inf: bool = True) -
 
     ``check_inf=False`` is VisualGLM's variant (nan only), which lets min-length's -inf through.
     """
-    if torch.isnan(logits).any() or (check_inf and torch.isinf(logits).any()):
+    bad = ~torch.isfinite(logits) if check_inf else torch.isnan(logits)
+    if bool(bad.any()):  # one device sync per token
         logits = torch.zeros_like(logits)
         logits[..., fallback_id] = 5e4
     return logits

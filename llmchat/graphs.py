@@ -60,19 +60,26 @@ class StaticDecoder:
         for k, v in saved.items():
             self.cache.state[k].copy_(v)
 
-    def _capture(self, key: object) -> None:
-        """Warm up on a side stream (as CUDA graphs require), then record one static step.
-        Device state that the warm-up advanced (``cache.state``) is restored."""
-        self.graph = None
+    def _warm_up(self) -> None:
+        """Run the static step twice (CUDA graphs want warmed-up kernels and allocator), then put
+        back the device state it advanced (``cache.state``; the caller resets ``pos``). Run with
+        ``pos`` at the first free slot, so the keys/values it writes are overwritten or masked."""
         saved = self._snapshot()
-        stream = torch.cuda.Stream(self.cache.device)
-        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        for _ in range(2):
+            self._run_static()
+            self._restore(saved)
+
+    def _capture(self, key: object) -> None:
+        """Warm up on a side stream, then record one static step."""
+        self.graph = None
+        dev = self.cache.device
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run_static()
-                self._restore(saved)
-        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+            self._warm_up()
+        torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        saved = self._snapshot()
         with torch.cuda.graph(graph):
             self.logits = self._run_static()
         self._restore(saved)
@@ -82,11 +89,14 @@ class StaticDecoder:
         key = self.model.static_key(self.cache) if hasattr(self.model, "static_key") else None
         if key is None or self.cache.offset >= self.cache.max_len:
             return self._eager(token)
-        self.cache.pos.fill_(self.cache.offset)
-        self.token.fill_(token)
+        self.cache.pos.fill_(self.cache.offset)  # warm-ups write at pos: the free slots
         if self.capture:
+            key = (key, self.cache.k.data_ptr())  # a regrown cache has new buffers
             if self.graph is None or key != self.key:
                 self._capture(key)
+                self.cache.pos.fill_(self.cache.offset)  # the warm-up runs advanced it
+        self.token.fill_(token)
+        if self.capture:
             self.graph.replay()
             out = self.logits
             assert out is not None

@@ -231,15 +231,14 @@ class Repl:
                         close = getattr(stream, "close", None)
                         if close is not None:
                             close()
-                    reply = out.text
+                    reply = self.model.last_stats.extra.get("reply", out.text)
             except KeyboardInterrupt:
                 self.ui.note("Interrupted: this turn is not kept in the history.")
                 self.image = image
                 return False
-            except Exception as exc:
-                if not isinstance(exc, LLMChatError) and type(exc).__name__ != "OutOfMemoryError":
-                    raise
-                self.ui.error(f"error: {exc}".splitlines()[0])
+            except Exception as exc:  # keep the session (and the question) whatever went wrong
+                what = str(exc) if isinstance(exc, LLMChatError) else f"{type(exc).__name__}: {exc}"
+                self.ui.error(f"error: {' '.join(what.split())}")
                 self.prefill, self.image = question, image
                 return False
         self.messages = [*kept, Message("assistant", reply)]

@@ -91,6 +91,8 @@ class GenerationConfig:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def with_(self, **changes: Any) -> GenerationConfig:
         """A copy with ``changes`` applied (``None`` values are ignored), validated."""

@@ -96,6 +96,42 @@ def test_glm_static_state_survives_reset_and_tracks_new_prompts() -> None:
     assert cache.state_version == 2  # allocated once per tensor, then reused in place
 
 
+class SimulatedCapture(StaticDecoder):
+    """StaticDecoder's capture branch on the CPU: warm up, then 'replay' by running the step."""
+
+    def __init__(self, model, cache) -> None:  # noqa: ANN001
+        super().__init__(model, cache, capture=False)
+        self.capture = True
+        self.captures = 0
+
+    def _capture(self, key: object) -> None:
+        self._warm_up()
+        self.captures += 1
+        dec = self
+
+        class Graph:
+            def replay(self) -> None:
+                dec.logits = dec._run_static()
+
+        self.graph, self.key = Graph(), key
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_capture_sequence_leaves_every_step_exact(name: str) -> None:
+    """Warm-up runs before a capture advance device state; the next real step must not see it."""
+    model = MODELS[name]()
+    prompt = PROMPTS.get(name, [3, 17, 42, 8, 5, 60])
+    eager, _ = greedy(model, prompt, 12)
+    made: list[SimulatedCapture] = []
+
+    def make(m, c):  # noqa: ANN001, ANN202
+        made.append(SimulatedCapture(m, c))
+        return made[-1]
+
+    assert greedy(model, prompt, 12, step=make)[0] == eager
+    assert made[0].captures == 1 and made[0].static_steps == 11
+
+
 def test_qwen_falls_back_to_eager_past_seq_length() -> None:
     model = tiny(qwen, vocab_size=96, hidden_size=32, num_layers=1, num_heads=4, kv_channels=8,
                  intermediate_size=64, seq_length=8, max_positions=64)

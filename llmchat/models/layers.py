@@ -15,13 +15,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> 
     Keys/values may have fewer heads than the queries (grouped/multi-query attention: query head
     h uses kv head h // (H / G)); SDPA broadcasts them without materialising copies.
     """
-    gqa = k.shape[1] != q.shape[1]
-    if cache is not None and cache.static:  # one token over the whole static buffer
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.valid_mask(),
-                                              enable_gqa=gqa)
-    t, s = q.shape[2], k.shape[2]
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    gqa = g != h
+    mask = cache.valid_mask() if cache is not None and cache.static else None  # (1, 1, 1, S)
     if t == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        if gqa:  # fold each group's H/G query heads into the query-length axis: no K/V copies
+            out = F.scaled_dot_product_attention(q.reshape(b, g, h // g, d), k, v, attn_mask=mask)
+            return out.reshape(b, h, 1, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s = k.shape[2]
     if s == t:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
