@@ -40,9 +40,10 @@ def ours(model: Any, ids: list[int], n: int, device: torch.device, dtype: torch.
     cache = model.make_cache(len(ids) + n + 1, dtype=dtype, device=device)
     sample = make_sampler(GenerationConfig(temperature=0), device=device)
 
+    step = StaticDecoder(model, cache, capture=True) if graphs else None  # captured once
+
     def run(k: int) -> tuple[float, list[int]]:
         cache.reset()
-        step = StaticDecoder(model, cache, capture=True) if graphs else None
         sync(device)
         t0 = time.perf_counter()
         out = list(generate_tokens(model, ids, cache, sample=sample, max_new_tokens=k,

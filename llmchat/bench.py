@@ -10,6 +10,7 @@ full-size random-weight model straight on the device through the normal loading 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from llmchat.generate import generate_tokens, make_sampler
+from llmchat.graphs import StaticDecoder
 from llmchat.loader import build_model, peak_rss_bytes, resolve_device, resolve_dtype
 from llmchat.registry import ModelSpec, resolve
 from llmchat.types import GenerationConfig, parse_quant
@@ -139,6 +141,8 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
     ids = prompt_ids(cfg, prompt_tokens, vocab)
     cache = model.make_cache(prompt_tokens + new_tokens + warmup + 1, dtype=tdtype, device=dev)
     sample = make_sampler(GenerationConfig(temperature=0), device=dev)
+    graphs = dev.type == "cuda" and os.environ.get("LLMCHAT_CUDA_GRAPHS", "1") != "0"
+    step = StaticDecoder(model, cache, capture=True) if graphs else None  # as chat decodes
 
     def decode(n: int) -> tuple[float, float]:
         cache.reset()
@@ -146,7 +150,7 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         t0 = time.perf_counter()
         first = None
         for i, _ in enumerate(generate_tokens(model, ids, cache, sample=sample,
-                                              max_new_tokens=n, stop_ids=frozenset())):
+                                              max_new_tokens=n, stop_ids=frozenset(), step=step)):
             if i == 0:
                 sync(dev)
                 first = time.perf_counter()
@@ -174,4 +178,5 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         achieved_gb_per_s=per_token / (ms_tok / 1000) / 1e9 if ms_tok else 0.0,
         copy_gb_per_s=copy_bandwidth(dev), peak_memory_bytes=int(peak),
         threads=torch.get_num_threads(), extra=dict(extra, layers=cfg.num_layers),
+        decode_path=step.path if step is not None else "eager",
     )

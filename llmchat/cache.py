@@ -37,6 +37,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.limit: int | None = None  # growth cap (positions); None: never grow
         self.offset = 0
         self.static = False
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
@@ -92,10 +93,26 @@ class KVCache:
         t = k.shape[2]
         end = self.offset + t
         if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
+            self.grow(end)
         self.k[layer, :, :, self.offset : end] = k
         self.v[layer, :, :, self.offset : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def grow(self, needed: int) -> None:
+        """Reallocate for at least ``needed`` positions (doubling, up to ``limit``), so a reply
+        only pays for the context it uses; the kept prefix is copied once."""
+        if self.limit is None or needed > self.limit:
+            raise RuntimeError(f"KV cache overflow: {needed} > {self.limit or self.max_len} "
+                               "positions")
+        size = min(max(needed, 2 * self.max_len), self.limit)
+        shape = (*self.k.shape[:3], size, self.k.shape[4])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            new[:, :, :, : self.offset] = old[:, :, :, : self.offset]
+            setattr(self, name, new)
+            del old
+        self.max_len = size
 
     def advance(self, t: int) -> None:
         if self.static:

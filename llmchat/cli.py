@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,7 +226,11 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
     from llmchat.loader import load
 
     name = opts.model or (None if opts.model_path else default_model)
-    with load_progress(sys.stderr.isatty()) as progress:
+    with (
+        load_progress(sys.stderr.isatty()) as progress,
+        warnings.catch_warnings(record=True) as seen,
+    ):
+        warnings.simplefilter("always")
         model = load(
             name,
             model_path=opts.model_path,
@@ -236,6 +241,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
         )
     if opts.system is not None and not model.supports_system:
         raise UsageError(f"{model.name} has no system role; --system is not available")
+    for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
+        err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
     if "note" in model.info.extra:
         err_console().print(f"[yellow]note:[/] {escape(str(model.info.extra['note']))}")
     if opts.verbose:

@@ -29,7 +29,7 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel
-from llmchat.registry import ModelSpec, detect, resolve
+from llmchat.registry import ModelSpec, detect, hub_cache_dir, resolve
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -79,7 +79,8 @@ def available_memory_bytes() -> int | None:
 def resolve_dtype(
     dtype: str, device: torch.device, spec: ModelSpec, quant: int, fp32_bytes: int = 0
 ) -> torch.dtype:
-    """``auto``: the model's upstream CUDA dtype on GPU (bf16 only where supported). On CPU fp32
+    """``auto``: the model's upstream CUDA dtype on GPU (bf16 with ``--quant 4``, only where
+    supported). On CPU fp32
     (what upstream runs there), unless ``fp32_bytes`` would not fit in the available memory,
     and bf16 with ``--quant 8/4`` because torch's CPU int8/int4 kernels are fast only with bf16."""
     name = (dtype or "auto").strip().lower()
@@ -87,6 +88,8 @@ def resolve_dtype(
     if name == "auto":
         if device.type == "cuda":
             name = spec.cuda_dtype
+            if quant == 4:  # torch's CUDA int4 kernel takes bfloat16 activations only
+                name = "bfloat16"
             if name == "bfloat16" and not torch.cuda.is_bf16_supported():
                 name = "float16"
         elif quant != 16:
@@ -108,7 +111,12 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
         raise CheckpointError("huggingface_hub is not installed; use --model-path DIR") from None
     offline = not download or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        path = snapshot_download(spec.hub_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+        path = snapshot_download(
+            spec.hub_id,
+            allow_patterns=HUB_PATTERNS,
+            local_files_only=offline,
+            cache_dir=hub_cache_dir(),
+        )
     except Exception as exc:  # hub errors are many and version-dependent
         hint = "it is not in the local cache" if offline else f"download failed: {_short(exc)}"
         raise CheckpointError(
@@ -362,14 +370,14 @@ def load(
         asked = resolve(model)
         if asked.name != spec.name:
             raise UsageError(f"--model {model} but {path} holds a {spec.name} checkpoint")
+    module = importlib.import_module(spec.module)
+    cfg = module.Config.from_hf(hf)
+    tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
     fp32_bytes = 2 * sum(f.stat().st_size for f in files)  # checkpoints are fp16
     torch_dtype = resolve_dtype(
         dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)), fp32_bytes
     )
-    module = importlib.import_module(spec.module)
-    cfg = module.Config.from_hf(hf)
-    tokenizer = module.load_tokenizer(path)
     ckpt_bits = int(hf.get("quantization_bit") or 0)
     net = build_model(
         module,

@@ -115,10 +115,24 @@ def _largest_divisor(k: int, options: Sequence[int]) -> int:
     return next((g for g in options if k % g == 0), 0)
 
 
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch ships ``aten::op`` for this device (older builds had int8 on CPU only)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if key == "CUDA" and torch.version.cuda is None:
+        return True  # a CPU-only build cannot tell (and cannot run CUDA anyway)
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key))
+    except (AttributeError, RuntimeError):  # private API moved: assume present, as in 2.13
+        return True
+
+
 def select_backend(bits: int, in_features: int, out_features: int, device: torch.device,
                    dtype: torch.dtype) -> Backend:
     """The one place that picks the kernel for a layer (see the module docstring)."""
     cpu = device.type == "cpu"
+    if bits == 8 and not _has_kernel("_weight_int8pack_mm", device):
+        return Backend("dequant", note=(
+            f"this torch build has no {device.type.upper()} kernel for _weight_int8pack_mm"))
     if bits == 8:
         # fp32/fp16 activations: per-row kernels are fast for decode but scale linearly in the
         # number of rows on CPU (a 64-token prompt is 10x slower than dequantize + matmul);

@@ -103,5 +103,18 @@ def cached_snapshot(spec: ModelSpec) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
         return None
-    hit = try_to_load_from_cache(spec.hub_id, "config.json")
+    hit = try_to_load_from_cache(spec.hub_id, "config.json", cache_dir=hub_cache_dir())
     return Path(hit).parent if isinstance(hit, str) else None
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face cache folder as the environment says now (huggingface_hub reads it once,
+    at import): HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return os.path.join(home, "hub")

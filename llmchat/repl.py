@@ -238,7 +238,7 @@ class Repl:
                 return False
             except Exception as exc:  # keep the session (and the question) whatever went wrong
                 what = str(exc) if isinstance(exc, LLMChatError) else f"{type(exc).__name__}: {exc}"
-                self.ui.error(f"error: {' '.join(what.split())}")
+                self.ui.error(f"error: {what}".splitlines()[0])
                 self.prefill, self.image = question, image
                 return False
         self.messages = [*kept, Message("assistant", reply)]

@@ -20,9 +20,14 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "12"]
 
 
 def run_cli(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmchat", *args], input=stdin,
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "llmchat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def expected_replies(model_dir: Path, questions: list[str], max_new: int = 12) -> list[str]:
@@ -47,8 +52,9 @@ def test_ask_reads_stdin_and_prepends_it(glm2_dir: Path) -> None:
     alone = runner.invoke(app, ["ask", "-p", str(glm2_dir), *CPU, *GREEDY], input="总结这段话\n")
     assert alone.exit_code == 0
     assert alone.stdout == expected_replies(glm2_dir, ["总结这段话"])[0] + "\n"
-    both = runner.invoke(app, ["ask", "-p", str(glm2_dir), *CPU, *GREEDY, "summarize"],
-                         input="line one\nline two\n")
+    both = runner.invoke(
+        app, ["ask", "-p", str(glm2_dir), *CPU, *GREEDY, "summarize"], input="line one\nline two\n"
+    )
     assert both.stdout == expected_replies(glm2_dir, ["line one\nline two\nsummarize"])[0] + "\n"
 
 
@@ -64,19 +70,23 @@ def test_ask_json(glm2_dir: Path) -> None:
     assert {"seconds", "ttft_seconds", "decode_tokens_per_second", "finish_reason"} <= set(data)
 
 
-@pytest.mark.parametrize("args,message,code", [
-    (["--model-path", "/nonexistent/dir", "q"], "model directory not found", 1),
-    (["--top-p", "1.5", "q"], "top_p must be in (0, 1]", 2),
-    (["--temperature", "-1", "q"], "temperature must be >= 0", 2),
-    (["--max-new-tokens", "0", "q"], "max_new_tokens must be a positive integer", 2),
-    (["--quant", "3", "q"], "invalid --quant '3'", 2),
-    (["--device", "tpu", "q"], "invalid --device", 2),
-    (["--dtype", "float64", "q"], "invalid --dtype", 2),
-    (["   "], "empty question", 2),
-    (["--system", "be brief", "q"], "has no system role", 2),
-])
-def test_bad_input_gives_one_line_and_exit_code(glm2_dir: Path, args: list[str], message: str,
-                                                code: int) -> None:
+@pytest.mark.parametrize(
+    "args,message,code",
+    [
+        (["--model-path", "/nonexistent/dir", "q"], "model directory not found", 1),
+        (["--top-p", "1.5", "q"], "top_p must be in (0, 1]", 2),
+        (["--temperature", "-1", "q"], "temperature must be >= 0", 2),
+        (["--max-new-tokens", "0", "q"], "max_new_tokens must be a positive integer", 2),
+        (["--quant", "3", "q"], "invalid --quant '3'", 2),
+        (["--device", "tpu", "q"], "invalid --device", 2),
+        (["--dtype", "float64", "q"], "invalid --dtype", 2),
+        (["   "], "empty question", 2),
+        (["--system", "be brief", "q"], "has no system role", 2),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code(
+    glm2_dir: Path, args: list[str], message: str, code: int
+) -> None:
     full = ["ask", *(["-p", str(glm2_dir)] if "--model-path" not in args else []), *args]
     res = runner.invoke(app, full)
     assert res.exit_code == code
@@ -103,8 +113,12 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_models_lists_presets() -> None:
     res = runner.invoke(app, ["models", "--json"])
     rows = json.loads(res.stdout)
-    assert [r["name"] for r in rows] == ["chatglm-6b", "chatglm2-6b", "qwen-7b-chat",
-                                         "visualglm-6b"]
+    assert [r["name"] for r in rows] == [
+        "chatglm-6b",
+        "chatglm2-6b",
+        "qwen-7b-chat",
+        "visualglm-6b",
+    ]
     assert rows[1]["hub_id"] == "THUDM/chatglm2-6b" and rows[1]["cached"] is None
     assert runner.invoke(app, ["models"]).exit_code == 0
 
@@ -112,24 +126,84 @@ def test_models_lists_presets() -> None:
 def test_chat_pipe_contract_keeps_history(glm2_dir: Path) -> None:
     """`printf 'q1\\nq2\\nq3\\n' | llmchat chat ...` prints one reply line per question."""
     questions = ["你好", "what is 1+1?", "再见"]
-    res = run_cli(["chat", "--model-path", str(glm2_dir), *CPU, *GREEDY],
-                  stdin="\n".join(questions) + "\n")
+    res = run_cli(
+        ["chat", "--model-path", str(glm2_dir), *CPU, *GREEDY], stdin="\n".join(questions) + "\n"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n") == [*expected_replies(glm2_dir, questions), ""]
     assert "Traceback" not in res.stderr
 
 
 def test_chat_pipe_drops_old_turns_with_notice(glm2_dir: Path) -> None:
-    res = run_cli(["chat", "-p", str(glm2_dir), *CPU, "--temperature", "0", "-n", "40",
-                   "--max-length", "120"], stdin="第一个问题\n第二个问题\n第三个问题\n")
+    res = run_cli(
+        [
+            "chat",
+            "-p",
+            str(glm2_dir),
+            *CPU,
+            "--temperature",
+            "0",
+            "-n",
+            "40",
+            "--max-length",
+            "120",
+        ],
+        stdin="第一个问题\n第二个问题\n第三个问题\n",
+    )
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 3
     assert "dropped the 1 oldest turn" in res.stderr
 
 
 def test_help_does_not_import_torch() -> None:
-    code = ("import sys; from typer.testing import CliRunner; from llmchat.cli import app; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    code = (
+        "import sys; from typer.testing import CliRunner; from llmchat.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr
+
+
+def test_bench_on_a_checkpoint_and_usage_errors(glm2_dir: Path) -> None:
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "-p",
+            str(glm2_dir),
+            "--device",
+            "cpu",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "6",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["model"] == "chatglm2-6b" and r["prompt_tokens"] == 8 and r["new_tokens"] == 6
+    assert r["decode_tokens_per_s"] > 0 and r["bytes_per_token"] > 0 and r["copy_gb_per_s"] > 0
+    assert r["decode_path"] == "eager" and r["weight_bytes"] > r["bytes_per_token"] - 10**6
+    table = runner.invoke(
+        app,
+        [
+            "bench",
+            "-p",
+            str(glm2_dir),
+            "--device",
+            "cpu",
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "3",
+        ],
+    )
+    assert table.exit_code == 0 and "decode tokens/s" in table.stdout
+    for args, msg in (
+        (["bench"], "give --model"),
+        (["bench", "-p", str(glm2_dir), "--layers", "2"], "--layers needs --random"),
+    ):
+        bad = runner.invoke(app, args)
+        assert bad.exit_code == 2 and msg in bad.stderr

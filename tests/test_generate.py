@@ -83,8 +83,16 @@ def test_sampler_distribution_matches_softmax() -> None:
 
 
 def tiny() -> chatglm2.Model:
-    cfg = chatglm2.Config(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, kv_channels=8,
-                          num_kv_groups=2, ffn_hidden_size=48, seq_length=128)
+    cfg = chatglm2.Config(
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        kv_channels=8,
+        num_kv_groups=2,
+        ffn_hidden_size=48,
+        seq_length=128,
+    )
     m = chatglm2.Model(cfg)
     m.load_state_dict(build_state_dict(chatglm2.Model, cfg, seed=5, dtype=torch.float32))
     return m.eval()
@@ -95,13 +103,16 @@ def test_cached_generation_equals_uncached_greedy() -> None:
     prompt = [5, 9, 17, 3, 44]
     cache = model.make_cache(64, dtype=torch.float32, device="cpu")
     sample = make_sampler(GenerationConfig(temperature=0))
-    got = list(generate_tokens(model, prompt, cache, sample=sample, max_new_tokens=20,
-                               stop_ids=frozenset()))
+    got = list(
+        generate_tokens(
+            model, prompt, cache, sample=sample, max_new_tokens=20, stop_ids=frozenset()
+        )
+    )
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(20):  # no cache: re-run the whole sequence each step
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert got == ids[len(prompt):]
+    assert got == ids[len(prompt) :]
     assert cache.offset == len(prompt) + 19  # the last token is never fed back
 
 
@@ -109,20 +120,29 @@ def test_generation_stops_on_stop_id_and_is_deterministic() -> None:
     model = tiny()
     cache = model.make_cache(64, dtype=torch.float32, device="cpu")
     sample = make_sampler(GenerationConfig(temperature=0))
-    full = list(generate_tokens(model, [1, 2, 3], cache, sample=sample, max_new_tokens=10,
-                                stop_ids=frozenset()))
+    full = list(
+        generate_tokens(
+            model, [1, 2, 3], cache, sample=sample, max_new_tokens=10, stop_ids=frozenset()
+        )
+    )
     cache.reset()
-    again = list(generate_tokens(model, [1, 2, 3], cache, sample=sample, max_new_tokens=10,
-                                 stop_ids=frozenset()))
+    again = list(
+        generate_tokens(
+            model, [1, 2, 3], cache, sample=sample, max_new_tokens=10, stop_ids=frozenset()
+        )
+    )
     assert full == again
     cache.reset()
-    stopped = list(generate_tokens(model, [1, 2, 3], cache, sample=sample, max_new_tokens=10,
-                                   stop_ids=frozenset({full[3]})))
+    stopped = list(
+        generate_tokens(
+            model, [1, 2, 3], cache, sample=sample, max_new_tokens=10, stop_ids=frozenset({full[3]})
+        )
+    )
     assert stopped == full[: full.index(full[3])]
 
 
 def test_kv_cache_overflow_is_an_error_not_corruption() -> None:
-    cache = KVCache(1, 1, 2, 4)
+    cache = KVCache(1, 1, 2, 4)  # no limit: never grows
     cache.update(0, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
     cache.advance(3)
     with pytest.raises(RuntimeError, match="overflow"):
@@ -142,3 +162,34 @@ def test_stream_decoder_holds_incomplete_utf8_and_holdback() -> None:
     out = [dec2.push(b) for b in b"okXY"] + [dec2.flush()]
     assert out == ["o", "k", "", "", "XY"]
     assert partial_suffix_len("abcXY", "XYZ") == 2 and partial_suffix_len("abc", "XYZ") == 0
+
+
+def test_kv_cache_grows_on_demand_up_to_its_limit() -> None:
+    model = tiny()
+    prompt = [5, 9, 17, 3, 44]
+    sample = make_sampler(GenerationConfig(temperature=0))
+    big = model.make_cache(64, dtype=torch.float32, device="cpu")
+    want = list(
+        generate_tokens(model, prompt, big, sample=sample, max_new_tokens=40, stop_ids=frozenset())
+    )
+    small = model.make_cache(8, dtype=torch.float32, device="cpu")
+    small.limit = 48
+    got = list(
+        generate_tokens(
+            model, prompt, small, sample=sample, max_new_tokens=40, stop_ids=frozenset()
+        )
+    )
+    assert got == want and small.max_len == 48  # 8 -> 16 -> 32 -> 48 (capped)
+    capped = model.make_cache(8, dtype=torch.float32, device="cpu")
+    capped.limit = 20
+    with pytest.raises(RuntimeError, match="overflow"):
+        list(
+            generate_tokens(
+                model,
+                list(range(1, 25)),
+                capped,
+                sample=sample,
+                max_new_tokens=1,
+                stop_ids=frozenset(),
+            )
+        )

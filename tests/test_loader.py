@@ -266,3 +266,23 @@ def test_cpu_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(
     m = load(model_path=glm2_dir, device="cpu")
     assert m.info.dtype == "bfloat16" and "--dtype float32" in m.info.extra["note"]
     assert load(model_path=glm2_dir, device="cpu", dtype="float32").info.dtype == "float32"
+
+
+def test_chat_cache_starts_small_and_fit_respects_model_positions(glm2_dir: Path) -> None:
+    m = load(model_path=glm2_dir, device="cpu", dtype="float32")
+    cfg = m.defaults.with_(temperature=0, max_new_tokens=300)
+    reply = m.chat([Message("user", "你好")], cfg)
+    cache = m._cache
+    # sized for this reply (17 prompt + 300 new), not for the 8192-token budget
+    assert cache is not None and cache.max_len == m.last_stats.prompt_tokens + 300
+    assert m.last_stats.completion_tokens == 300 and reply
+    # the tiny checkpoint has 512 positions (seq_length): a larger --max-length is capped
+    assert m.context_budget(m.defaults) == 512
+    msgs = []
+    for i in range(12):
+        msgs += [
+            Message("user", f"问题 {i} " + "很长的问题 " * 8),
+            Message("assistant", "回答 " * 8),
+        ]
+    kept, dropped = m.fit([*msgs, Message("user", "最后")], m.defaults.with_(max_new_tokens=20))
+    assert dropped > 0 and m.count_tokens(kept) + 20 <= 512

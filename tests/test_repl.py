@@ -377,10 +377,12 @@ def test_model_error_keeps_the_session_and_the_question() -> None:
     assert model.calls[1][0] == [Message("user", "edited")]
 
 
-def test_unexpected_exceptions_propagate() -> None:
-    model = FakeChatModel().enqueue([RuntimeError("bug")])
-    with pytest.raises(RuntimeError, match="bug"):
-        chat(model, ["q"])
+def test_unexpected_exceptions_keep_the_session() -> None:
+    """A bug or an environment failure (e.g. out of memory) mid-reply must not end the chat."""
+    model = FakeChatModel().enqueue([RuntimeError("bug\ndetails")], ["fine"])
+    code, out, _ = chat(model, ["q", "again"])
+    assert code == 0 and "error: RuntimeError: bug" in out and "details" not in out
+    assert users(model.calls[-1][0]) == ["again"]
 
 
 def test_image_command(tmp_path: Path) -> None:

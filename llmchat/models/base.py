@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 # Room kept for the reply when old turns are dropped to fit the context budget.
 REPLY_RESERVE = 256
-CACHE_ROUND = 256  # the KV cache grows in steps of this many positions, never per token
+CACHE_ROUND = 256  # KV cache headroom over the prompt; beyond it the cache doubles on demand
 
 
 @dataclass
@@ -79,6 +79,10 @@ class ChatModel(ABC):
     def chat(self, messages: Sequence[Message], config: GenerationConfig) -> str:
         return "".join(self.stream_chat(messages, config))
 
+    def context_budget(self, config: GenerationConfig) -> int:
+        """Tokens a prompt and its reply may use together."""
+        return config.max_length
+
     def count_tokens(self, messages: Sequence[Message]) -> int:
         """Prompt length of ``messages`` in tokens (for the context meter)."""
         return sum(len(m.content) for m in messages)
@@ -93,7 +97,7 @@ class ChatModel(ABC):
         ``ContextOverflowError``.
         """
         msgs = list(messages)
-        budget = config.max_length
+        budget = self.context_budget(config)
         reserve = min(config.max_new_tokens or REPLY_RESERVE, REPLY_RESERVE, budget // 2)
         dropped = 0
         while True:
@@ -155,6 +159,11 @@ class TransformerChatModel(ChatModel):
         if not self.supports_images and any(m.image for m in messages):
             raise ImageError(f"{self.name} does not support images")
 
+    def context_budget(self, config: GenerationConfig) -> int:
+        """``max_length``, but never past the positions the model has (ChatGLM-6B: 2048)."""
+        limit = getattr(self.model, "max_positions", None)
+        return min(config.max_length, limit) if limit else config.max_length
+
     def encode(self, messages: Sequence[Message]) -> list[int]:
         return list(self.module.encode_messages(self.tokenizer, messages))
 
@@ -162,15 +171,16 @@ class TransformerChatModel(ChatModel):
         return len(self.encode(messages))
 
     # -- generation -----------------------------------------------------------------------
-    def _get_cache(self, needed: int) -> KVCache:
-        limit = getattr(self.model, "max_positions", None)
-        size = -(-needed // CACHE_ROUND) * CACHE_ROUND
-        if limit:
-            size = max(min(size, limit), needed)
-        if self._cache is None or self._cache.max_len < needed:
+    def _get_cache(self, prompt: int, total: int) -> KVCache:
+        """A cache for ``prompt`` tokens that may grow to ``total``: it starts at the prompt plus
+        ``CACHE_ROUND`` positions and doubles on demand, and is reused across replies."""
+        start = min(total, -(-(prompt + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
+        if self._cache is None or self._cache.max_len < start:
+            self._decoder = None  # it holds the old buffers (and a graph over them)
             self._cache = None  # free the old buffers before allocating the new ones
-            self._cache = self.model.make_cache(size, dtype=self.cache_dtype, device=self.device)
+            self._cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
         self._cache.reset()
+        self._cache.limit = max(total, self._cache.max_len)
         return self._cache
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
@@ -216,7 +226,7 @@ class TransformerChatModel(ChatModel):
                     f"the prompt is {len(ids)} tokens; the model has {limit} positions"
                 )
             max_new = min(max_new, limit - len(ids))
-        cache = self._get_cache(len(ids) + max_new)
+        cache = self._get_cache(len(ids), len(ids) + max_new)
         step = self.decode_step(cache)
         stop = frozenset(self.module.stop_ids(self.tokenizer))
         sample = make_sampler(
