@@ -255,7 +255,6 @@ def load_weights(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
-    keep_dtype: Callable[[str], torch.dtype | None] | None = None,
 ) -> None:
     """Stream (key, tensor) pairs into a meta-built model, strictly.
 
@@ -287,8 +286,7 @@ def load_weights(
                     f"{key} has shape {tuple(t.shape)} in the checkpoint but config.json "
                     f"implies {tuple(want)}"
                 )
-            target = (keep_dtype(name) if keep_dtype else None) or dtype
-            t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             assign(model, name, t)
         else:
             unexpected.append(key)
@@ -340,7 +338,6 @@ def build_model(
         device=device,
         total_bytes=total_bytes,
         progress=progress,
-        keep_dtype=getattr(module, "keep_dtype", None),
     )
     return net.eval()
 

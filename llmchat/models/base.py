@@ -146,6 +146,7 @@ class TransformerChatModel(ChatModel):
         self.supports_images = spec.supports_images
         self.last_stats = ReplyStats()
         self._cache: KVCache | None = None
+        self._encoded: dict[tuple[Message, ...], list[int]] = {}
         self._decoder: StaticDecoder | None = None
 
     # -- prompt ---------------------------------------------------------------------------
@@ -165,7 +166,14 @@ class TransformerChatModel(ChatModel):
         return min(config.max_length, limit) if limit else config.max_length
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
-        return list(self.module.encode_messages(self.tokenizer, messages))
+        """Prompt ids; memoised, since fit() and stream_chat() encode the same conversation."""
+        key = tuple(messages)
+        ids = self._encoded.get(key)
+        if ids is None:
+            if len(self._encoded) >= 16:
+                self._encoded.clear()
+            ids = self._encoded[key] = list(self.module.encode_messages(self.tokenizer, messages))
+        return list(ids)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
