@@ -8,6 +8,8 @@ timings go to stderr. Expected failures print one ``error:`` line and exit 1 (2 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 import time
@@ -77,12 +79,12 @@ QuantOpt = Annotated[
     str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")
 ]
 TempOpt = Annotated[
-    float | None, typer.Option("--temperature", "-t", help="0 = greedy [default: the model's]")
+    float | None, typer.Option("--temperature", "-t", help="0 = greedy (default: the model's)")
 ]
 TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling mass [default: the model's]")
+    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: the model's)")
 ]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables [default: the model's]")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables (default: the model's)")]
 RepOpt = Annotated[
     float | None, typer.Option("--repetition-penalty", help="[default: the model's]")
 ]
@@ -93,7 +95,7 @@ MaxLenOpt = Annotated[
     int | None,
     typer.Option(
         "--max-length",
-        help="Total context budget in tokens (prompt + reply) [default: the model's]",
+        help="Total context budget in tokens (prompt + reply) (default: the model's)",
     ),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
@@ -109,15 +111,17 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
 
 @dataclass
 class RunOptions:
+    """The model and generation options shared by ``ask``, ``chat`` and ``image``."""
+
     model: str | None
     model_path: str | None
     device: str
     dtype: str
     quant: str
-    settings: dict[str, Any]
-    system: str | None
+    settings: dict[str, Any]  # GenerationConfig fields the user set
     verbose: bool
     debug: bool
+    system: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -130,43 +134,53 @@ class RunOptions:
         return model.defaults.with_(**self.settings)
 
 
-def run_options(
-    model: str | None,
-    model_path: str | None,
-    device: str,
-    dtype: str,
-    quant: str,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    repetition_penalty: float | None,
-    max_new_tokens: int | None,
-    max_length: int | None,
-    seed: int | None,
-    system: str | None,
-    verbose: bool,
-    debug: bool,
-) -> RunOptions:
-    settings = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "repetition_penalty": repetition_penalty,
-        "max_new_tokens": max_new_tokens,
-        "max_length": max_length,
-        "seed": seed,
-    }
-    return RunOptions(
-        model,
-        model_path,
-        device,
-        dtype,
-        quant,
-        {k: v for k, v in settings.items() if v is not None},
-        system,
-        verbose,
-        debug,
+SETTINGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "max_new_tokens",
+    "max_length",
+    "seed",
+)
+SHARED_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annot)
+    for name, annot, default in (
+        ("model", ModelOpt, None),
+        ("model_path", PathOpt, None),
+        ("device", DeviceOpt, "auto"),
+        ("dtype", DtypeOpt, "auto"),
+        ("quant", QuantOpt, "16"),
+        ("temperature", TempOpt, None),
+        ("top_p", TopPOpt, None),
+        ("top_k", TopKOpt, None),
+        ("repetition_penalty", RepOpt, None),
+        ("max_new_tokens", MaxNewOpt, None),
+        ("max_length", MaxLenOpt, None),
+        ("seed", SeedOpt, None),
+        ("verbose", VerboseOpt, False),
+        ("debug", DebugOpt, False),
     )
+]
+
+
+def model_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared options (declared once, above) as ``opts: RunOptions``, and run
+    it under ``guarded`` (one-line errors, exit codes)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "opts"]
+    names = [p.name for p in SHARED_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        shared = {n: kwargs.pop(n) for n in names}
+        settings = {k: shared.pop(k) for k in SETTINGS if shared[k] is not None}
+        for k in SETTINGS:
+            shared.pop(k, None)
+        opts = RunOptions(settings=settings, **shared)
+        guarded(opts.debug, lambda: fn(opts=opts, **kwargs))
+
+    command.__signature__ = inspect.Signature([*own, *SHARED_OPTIONS])  # type: ignore[attr-defined]
+    return command
 
 
 T = TypeVar("T")
@@ -357,100 +371,42 @@ def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> N
 
 # -- commands -------------------------------------------------------------------------------------
 @app.command()
+@model_command
 def ask(
     question: Annotated[
         str | None, typer.Argument(help="The question; stdin is prepended when piped.")
     ] = None,
-    model: ModelOpt = None,
-    model_path: PathOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quant: QuantOpt = "16",
-    temperature: TempOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    max_length: MaxLenOpt = None,
-    seed: SeedOpt = None,
+    *,
     system: SystemOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
     ] = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    opts: RunOptions,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
-    opts = run_options(
-        model,
-        model_path,
-        device,
-        dtype,
-        quant,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        max_new_tokens,
-        max_length,
-        seed,
-        system,
-        verbose,
-        debug,
-    )
-
-    def run() -> None:
-        opts.validate()
-        piped = read_stdin()
-        parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
-        if not parts:
-            raise UsageError("empty question: pass it as an argument or on stdin")
-        one_shot(opts, "\n".join(parts), as_json=as_json, default_model="chatglm2-6b")
-
-    guarded(debug, run)
+    opts.system = system
+    opts.validate()
+    piped = read_stdin()
+    parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
+    if not parts:
+        raise UsageError("empty question: pass it as an argument or on stdin")
+    one_shot(opts, "\n".join(parts), as_json=as_json, default_model="chatglm2-6b")
 
 
 @app.command()
+@model_command
 def chat(
-    model: ModelOpt = None,
-    model_path: PathOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quant: QuantOpt = "16",
-    temperature: TempOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    max_length: MaxLenOpt = None,
-    seed: SeedOpt = None,
+    *,
     system: SystemOpt = None,
     plain: Annotated[
         bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    opts: RunOptions,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
-    opts = run_options(
-        model,
-        model_path,
-        device,
-        dtype,
-        quant,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        max_new_tokens,
-        max_length,
-        seed,
-        system,
-        verbose,
-        debug,
-    )
-    guarded(debug, lambda: interactive(opts, plain=plain, stats=stats))
+    opts.system = system
+    interactive(opts, plain=plain, stats=stats)
 
 
 def interactive(
@@ -479,62 +435,28 @@ def interactive(
 
 
 @app.command()
+@model_command
 def image(
     path: Annotated[str, typer.Argument(help="Image file (JPEG, PNG, ...)")],
     question: Annotated[
         str | None, typer.Argument(help="Question; without it, a chat about the image")
     ] = None,
-    model: ModelOpt = None,
-    model_path: PathOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quant: QuantOpt = "16",
-    temperature: TempOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    max_length: MaxLenOpt = None,
-    seed: SeedOpt = None,
+    *,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Raw text instead of Markdown")] = False,
-    verbose: VerboseOpt = False,
-    debug: DebugOpt = False,
+    opts: RunOptions,
 ) -> None:
     """Chat about a picture with VisualGLM-6B."""
-    opts = run_options(
-        model,
-        model_path,
-        device,
-        dtype,
-        quant,
-        temperature,
-        top_p,
-        top_k,
-        repetition_penalty,
-        max_new_tokens,
-        max_length,
-        seed,
-        None,
-        verbose,
-        debug,
-    )
+    opts.validate()
+    from llmchat.models.visualglm import check_image
 
-    def run() -> None:
-        opts.validate()
-        from llmchat.models.visualglm import check_image
-
-        check_image(path)
-        if question is not None:
-            if not question.strip():
-                raise UsageError("empty question")
-            one_shot(
-                opts, question.strip(), as_json=as_json, image=path, default_model="visualglm-6b"
-            )
-        else:
-            interactive(opts, plain=plain, stats=False, image=path, default_model="visualglm-6b")
-
-    guarded(debug, run)
+    check_image(path)
+    if question is None:
+        interactive(opts, plain=plain, stats=False, image=path, default_model="visualglm-6b")
+    elif not question.strip():
+        raise UsageError("empty question")
+    else:
+        one_shot(opts, question.strip(), as_json=as_json, image=path, default_model="visualglm-6b")
 
 
 @app.command()
