@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
+from llmchat.models.layers import renamed, require_keys
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -97,9 +98,7 @@ class Config:
         def unsupported(what: str) -> UnsupportedCheckpointError:
             return UnsupportedCheckpointError(f"unsupported ChatGLM-6B config: {what}")
 
-        for key in ("hidden_size", "num_layers", "num_attention_heads"):
-            if key not in hf:
-                raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+        require_keys(hf, ("hidden_size", "num_layers", "num_attention_heads"))
         vocab = hf.get("vocab_size", cls.vocab_size + cls._OLD_OFFSET)
         ids = {k: hf.get(k, getattr(cls, k) + cls._OLD_OFFSET) for k in cls._TOKEN_KEYS}
         if vocab >= 150000 or any(v >= 150000 for v in ids.values()):
@@ -113,10 +112,7 @@ class Config:
             raise unsupported("P-tuning checkpoints (pre_seq_len) are not supported")
         if hf.get("quantization_embeddings"):
             raise unsupported("quantized embeddings (quantization_embeddings) are not supported")
-        kw: dict[str, Any] = {}
-        for src, dst in cls._HF_KEYS.items():
-            if hf.get(src) is not None:
-                kw[dst] = hf[src]
+        kw = renamed(hf, cls._HF_KEYS)
         kw.setdefault("inner_hidden_size", 4 * kw["hidden_size"])
         cfg = cls(**kw)
         if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:

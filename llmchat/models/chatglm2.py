@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
-from llmchat.models.layers import RMSNorm, causal_attention
+from llmchat.models.layers import (
+    RMSNorm,
+    causal_attention,
+    check_settings,
+    renamed,
+    require_keys,
+)
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -73,20 +79,11 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Config:
-        for key, (want, default) in cls._REQUIRED.items():
-            if hf.get(key, default) != want:
-                raise UnsupportedCheckpointError(
-                    f"unsupported ChatGLM2 config: {key} must be {str(want).lower()}"
-                )
+        check_settings(hf, cls._REQUIRED, "ChatGLM2")
         if hf.get("pre_seq_len"):
             raise UnsupportedCheckpointError("unsupported ChatGLM2 config: P-tuning (pre_seq_len)")
-        kw: dict[str, Any] = {}
-        for src, dst in cls._HF_KEYS.items():
-            if hf.get(src) is not None:
-                kw[dst] = hf[src]
-        for key in ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads"):
-            if key not in hf:
-                raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+        require_keys(hf, ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads"))
+        kw = renamed(hf, cls._HF_KEYS)
         kw["rope_theta"] = 10000.0 * float(hf.get("rope_ratio", 1.0))
         cfg = cls(**kw)
         if cfg.num_heads % cfg.num_kv_groups:

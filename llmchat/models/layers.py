@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
+from llmchat.errors import UnsupportedCheckpointError
+
+
+# -- reading config.json ------------------------------------------------------------------------
+def require_keys(hf: dict[str, Any], keys: Sequence[str]) -> None:
+    """config.json must carry these (sizes we cannot guess)."""
+    for key in keys:
+        if key not in hf:
+            raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+
+
+def check_settings(hf: dict[str, Any], required: dict[str, tuple[Any, Any]], model: str) -> None:
+    """``required``: key -> (the value this implementation assumes, upstream's default)."""
+    for key, (want, default) in required.items():
+        got = hf.get(key, default)
+        if got != want:
+            raise UnsupportedCheckpointError(
+                f"unsupported {model} config: {key} is {got!r}, llmchat needs {want!r}"
+            )
+
+
+def renamed(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """Config fields from config.json via a ``{json key: field}`` map (absent/null skipped)."""
+    return {dst: hf[src] for src, dst in keys.items() if hf.get(src) is not None}
+
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> Tensor:

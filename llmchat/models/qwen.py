@@ -47,7 +47,13 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
-from llmchat.models.layers import RMSNorm, causal_attention
+from llmchat.models.layers import (
+    RMSNorm,
+    causal_attention,
+    check_settings,
+    renamed,
+    require_keys,
+)
 from llmchat.types import Message, split_turns
 
 
@@ -103,11 +109,7 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Config:
-        for key, (want, default) in cls._REQUIRED.items():
-            if hf.get(key, default) != want:
-                raise UnsupportedCheckpointError(
-                    f"unsupported Qwen config: {key} is {hf.get(key)!r}, llmchat needs {want!r}"
-                )
+        check_settings(hf, cls._REQUIRED, "Qwen")
         if hf.get("quantization_config"):
             raise UnsupportedCheckpointError(
                 "unsupported Qwen checkpoint: GPTQ-quantized weights (quantization_config); "
@@ -119,14 +121,10 @@ class Config:
             {"eps": 1e-5, "use_dynamic_ntk": False, "use_logn_attn": False, "max_positions": 6144}
             if v10 else {}
         )
-        for src, dst in [*cls._HF_KEYS.items(), *cls._V10_KEYS.items()]:  # v1.0 names win
-            if hf.get(src) is not None:
-                kw[dst] = hf[src]
-        names = ("n_embd", "n_layer", "n_head") if v10 else (
-            "hidden_size", "num_hidden_layers", "num_attention_heads")
-        for key in names:
-            if key not in hf:
-                raise UnsupportedCheckpointError(f"config.json has no {key!r}")
+        kw.update(renamed(hf, cls._HF_KEYS))
+        kw.update(renamed(hf, cls._V10_KEYS))  # v1.0 names win
+        require_keys(hf, ("n_embd", "n_layer", "n_head") if v10 else (
+            "hidden_size", "num_hidden_layers", "num_attention_heads"))
         if v10 and hf.get("vocab_size") not in (None, kw.get("vocab_size")):
             # v1.0 sizes wte by padded_vocab_size and lm_head by vocab_size
             raise UnsupportedCheckpointError(
