@@ -60,6 +60,11 @@ class StreamDecoder:
 
     ``"".join(deltas) + decoder.flush()`` equals ``postprocess(decode(ids))`` whenever each
     emitted prefix is also a prefix of the final text, which ``holdback`` guarantees.
+
+    So that a long reply does not cost O(length) of decoding per token, the raw text is frozen
+    at each line end: later steps decode only the ids after it, led by the token that ended the
+    line (an anchor, so the tokenizer sees the same left context and keeps e.g. sentencepiece's
+    word-initial space), and drop the anchor's own text. ``text()`` still decodes everything.
     """
 
     def __init__(
@@ -73,6 +78,18 @@ class StreamDecoder:
         self._holdback = holdback
         self.ids: list[int] = []
         self.emitted = ""
+        self._base = 0  # ids[:_base] are decoded once into _frozen
+        self._frozen = ""
+        self._anchor: int | None = None
+        self._anchor_len = 0
+
+    def raw(self) -> str:
+        """The decoded text of all ids, decoding only those after the last frozen line end."""
+        if self._anchor is None:
+            return self._decode(self.ids)
+        return self._frozen + self._decode([self._anchor, *self.ids[self._base :]])[
+            self._anchor_len :
+        ]
 
     def _stable(self, text: str) -> str:
         if text.endswith("\ufffd"):
@@ -82,7 +99,13 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """Add one token; return the newly stable text (often empty)."""
         self.ids.append(token)
-        stable = self._stable(self._post(self._decode(self.ids)))
+        raw = self.raw()
+        if raw.endswith("\n"):  # freeze at a line end (the anchor's text must end with it too)
+            alone = self._decode([token])
+            if alone.endswith("\n"):
+                self._frozen, self._base = raw, len(self.ids)
+                self._anchor, self._anchor_len = token, len(alone)
+        stable = self._stable(self._post(raw))
         if len(stable) > len(self.emitted) and stable.startswith(self.emitted):
             delta = stable[len(self.emitted) :]
             self.emitted = stable

@@ -193,3 +193,34 @@ def test_kv_cache_grows_on_demand_up_to_its_limit() -> None:
                 stop_ids=frozenset(),
             )
         )
+
+
+STREAM_TEXTS = [
+    "第一行。\n第二行 with English words.\n\n    indented code()\n\tTabbed, and 标点！\n",
+    "def f(x):\n    return x  # 注释\n\n\nclass A:\n        pass\n  two spaces\n",
+    "emoji 😀\n🎉 party\n 空格开头\nHello .\nWorld ,\n[[训练时间]]\nend",
+    "- item one\n- item two\n\n```python\nprint('hi')\n```\n最后一段，没有换行",
+]
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "chatglm2-6b", "qwen-7b-chat"])
+def test_stream_decoder_line_freezing_is_exact_for_real_tokenizers(name: str) -> None:
+    """Decoding from the last line end (with the anchor token) equals decoding everything."""
+    import importlib
+
+    from tests.checkpoints import shared
+
+    module = importlib.import_module(
+        {"chatglm-6b": "llmchat.models.chatglm", "chatglm2-6b": "llmchat.models.chatglm2",
+         "qwen-7b-chat": "llmchat.models.qwen"}[name])
+    tok = module.load_tokenizer(shared(f"tokenizers/{name}"))
+    for text in STREAM_TEXTS:
+        ids = tok.encode(text)
+        dec = StreamDecoder(tok.decode, module.postprocess, module.holdback)
+        deltas = []
+        for i, t in enumerate(ids):
+            deltas.append(dec.push(t))
+            assert dec.raw() == tok.decode(ids[: i + 1])
+        deltas.append(dec.flush())
+        assert dec._anchor is not None  # freezing happened
+        assert "".join(deltas) == module.postprocess(tok.decode(ids)) == dec.text()

@@ -320,6 +320,11 @@ TOKENIZER_FILE = "ice_text.model"
 MAX_BLANK = 80
 
 
+_SPACE_RUN = re.compile(" {2,%d}" % MAX_BLANK)  # noqa: UP031 - braces are regex syntax here
+_BLANK_NS = "|".join(map(str, range(MAX_BLANK, 1, -1)))
+_BLANK_TOKEN = re.compile(rf"<\|blank_({_BLANK_NS})\|>")
+
+
 class ChatGLMTokenizer:
     """sentencepiece ``ice_text.model`` with upstream's newline/tab/space-run pre-processing.
 
@@ -350,16 +355,13 @@ class ChatGLMTokenizer:
     @staticmethod
     def preprocess(text: str) -> str:
         text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-        for n in range(MAX_BLANK, 1, -1):  # longest runs first
-            text = text.replace(" " * n, f"<|blank_{n}|>")
-        return text
+        # greedy left to right = upstream's longest-runs-first replacement loop
+        return _SPACE_RUN.sub(lambda m: f"<|blank_{len(m.group())}|>", text)
 
     @staticmethod
     def postprocess(text: str) -> str:
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
-        for n in range(2, MAX_BLANK + 1):
-            text = text.replace(f"<|blank_{n}|>", " " * n)
-        return text
+        return _BLANK_TOKEN.sub(lambda m: " " * int(m.group(1)), text)
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(self.preprocess(text)))
