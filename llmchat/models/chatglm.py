@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
-from llmchat.models.layers import renamed, require_keys
+from llmchat.models.layers import embedding, renamed, require_keys
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -250,7 +250,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
 

@@ -32,6 +32,7 @@ from llmchat.models.layers import (
     RMSNorm,
     causal_attention,
     check_settings,
+    embedding,
     renamed,
     require_keys,
 )
@@ -167,7 +168,7 @@ class Block(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size)
 
 
 class Encoder(nn.Module):

@@ -37,6 +37,12 @@ def renamed(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
 
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` without random init: the checkpoint fills it. (On the meta device,
+    torch's first ``normal_`` costs ~2 s of one-off set-up, paid by every CLI start otherwise.)"""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> Tensor:
     """Scaled dot-product attention of T new queries (B, H, T, D) over the cached and new keys.
 

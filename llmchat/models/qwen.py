@@ -51,6 +51,7 @@ from llmchat.models.layers import (
     RMSNorm,
     causal_attention,
     check_settings,
+    embedding,
     renamed,
     require_keys,
 )
@@ -229,7 +230,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wte = embedding(cfg.vocab_size, cfg.hidden_size)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.eps, cast_first=True)
 
