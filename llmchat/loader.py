@@ -406,7 +406,3 @@ def load(
         )
     chat_cls: type[TransformerChatModel] = getattr(module, "ChatModelClass", TransformerChatModel)
     return chat_cls(spec, module, net, tokenizer, info)
-
-
-def module_for(spec: ModelSpec) -> ModuleType:
-    return importlib.import_module(spec.module)

@@ -78,6 +78,7 @@ class StreamDecoder:
         self._holdback = holdback
         self.ids: list[int] = []
         self.emitted = ""
+        self.final = ""  # the whole post-processed reply, set by flush()
         self._base = 0  # ids[:_base] are decoded once into _frozen
         self._frozen = ""
         self._anchor: int | None = None
@@ -118,7 +119,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Return the rest of the final text once generation has ended."""
-        final = self.text()
+        final = self.final = self.text()
         if final.startswith(self.emitted):
             delta = final[len(self.emitted) :]
             self.emitted = final

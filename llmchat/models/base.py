@@ -271,7 +271,7 @@ class TransformerChatModel(ChatModel):
         stats.decode_s = stats.total_s - stats.ttft_s
         if self.device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
-        stats.extra["reply"] = decoder.text()
+        stats.extra["reply"] = decoder.final
         stats.extra["decode_path"] = step.path if step is not None else "eager"
         if rest:
             yield rest
