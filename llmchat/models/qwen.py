@@ -430,3 +430,7 @@ def stop_ids(tok: QwenTokenizer) -> frozenset[int]:
 
 INVALID_FALLBACK_ID = None  # upstream has no nan/inf guard
 SUPPORTS_SYSTEM = True
+# Upstream _decode_chatml cuts the reply's last token when no end token was generated (the
+# reply hit max_new_tokens); chat() shows and keeps that shorter reply, and so do we.
+DROP_LAST_TOKEN_AT_LENGTH = True
+
