@@ -227,9 +227,6 @@ class ChatUI:
         self.plain = plain or not self.console.is_terminal
 
     # -- one-line messages ----------------------------------------------------------------
-    def info(self, msg: str) -> None:
-        self.console.print(Text(msg, style="llmchat.info"), soft_wrap=True)
-
     def note(self, msg: str) -> None:
         self.console.print(Text(msg, style="llmchat.muted"), soft_wrap=True)
 

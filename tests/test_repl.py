@@ -532,3 +532,27 @@ def test_completion_of_commands_paths_and_settings(tmp_path: Path) -> None:
     assert names(f"/image {tmp_path}/ph") == ["oto.png"]
     assert names("/set temp") == ["temperature"]
     assert names("plain text") == []
+
+
+def test_cancelled_retry_keeps_the_turn() -> None:
+    model = FakeChatModel().enqueue("A1", "A2", "A3")
+    _, out, _ = chat(model, ["first", "/retry", KeyboardInterrupt(), "/history", "next"])
+    assert model.calls[-1][0] == [Message("user", "first"), Message("assistant", "A1"),
+                                  Message("user", "next")]
+
+
+def test_retry_replaces_the_turn_once_sent() -> None:
+    model = FakeChatModel().enqueue("A1", "A2", "A3")
+    chat(model, ["first", "/retry", "first, edited", "next"])
+    assert model.calls[1][0] == [Message("user", "first, edited")]
+    assert model.calls[2][0] == [Message("user", "first, edited"), Message("assistant", "A2"),
+                                 Message("user", "next")]
+
+
+def test_system_shows_the_model_default_and_none_clears_it() -> None:
+    model = FakeChatModel()
+    model.default_system = "You are a helpful assistant."
+    _, out, _ = chat(model, ["/system", "/system none", "/system", "q"])
+    assert "System prompt (the model's default): You are a helpful assistant." in out
+    assert "No system prompt." in out
+    assert model.calls[-1][0] == [Message("system", ""), Message("user", "q")]
