@@ -109,6 +109,11 @@ VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not write this run to the log")]
+ContinueOpt = Annotated[
+    bool, typer.Option("--continue", "-c", help="Continue the most recent logged conversation")
+]
+CidOpt = Annotated[str | None, typer.Option("--cid", help="Continue this logged conversation")]
 
 
 @dataclass
@@ -124,6 +129,9 @@ class RunOptions:
     verbose: bool
     debug: bool
     system: str | None = None
+    log: bool = True
+    cid: str | None = None  # the logged conversation to continue
+    history: list[Any] | None = None  # its turns (Messages)
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -302,7 +310,80 @@ def new_conversation(opts: RunOptions, model: ChatModel) -> Conversation:
     from llmchat.conversation import Conversation
 
     check_system(opts, model)
-    return Conversation(model, opts.config(model), system=opts.system)
+    conv = Conversation(model, opts.config(model), system=opts.system)
+    attach_log(opts, model, conv)
+    return conv
+
+
+def attach_log(opts: RunOptions, model: ChatModel, conv: Conversation) -> None:
+    """Give ``conv`` the continued turns and id (``-c``/``--cid``) and the log hook."""
+    if opts.cid:
+        conv.id = opts.cid
+        conv.turns = list(opts.history or [])
+    if not opts.log:
+        return
+    from llmchat import logs
+
+    if not logs.enabled():
+        return
+    i = model.info
+    logger = logs.Logger(
+        model=model.name, model_path=str(i.path) if i.path else opts.model_path,
+        options={"quant": i.quant, "dtype": i.dtype, "device": i.device,
+                 "requested": {"device": opts.device, "dtype": opts.dtype,
+                               "quant": opts.quant}},
+    )
+
+    def log(c: Conversation, question: Any, reply: Reply) -> None:
+        logger.log(c.id, question.content, c.system, reply.text, reply.stats,
+                   c.config.to_dict(), image=question.image)
+
+    conv.log = log
+
+
+def resume(opts: RunOptions, cont: bool, cid: str | None) -> None:
+    """``-c``/``--cid``: find the logged conversation, reuse its model and options unless
+    flags override them, and keep its turns for the new Conversation."""
+    if not cont and not cid:
+        return
+    from pathlib import Path
+
+    from llmchat import logs
+    from llmchat.types import Message
+
+    try:
+        db = logs.open_existing()
+    except logs.LogError as exc:
+        raise LLMChatError(str(exc)) from None
+    row = None
+    if db is not None:
+        row = logs.get_conversation(db, cid) if cid else logs.latest_conversation(db)
+    if row is None:
+        if cid:
+            raise UsageError(f"no logged conversation with id {cid!r} "
+                             "(see `llmchat logs list`)")
+        raise UsageError("the conversation log is empty: nothing to continue "
+                         "(start one with `llmchat chat` or `llmchat ask`)")
+    saved = json.loads(row["options"] or "{}")
+    if not opts.model and not opts.model_path:
+        path = row["model_path"]
+        if path and not Path(path).exists():
+            raise UsageError(f"conversation {row['id']} used the model at {path}, which no "
+                             "longer exists: pass --model-path DIR or --model NAME")
+        opts.model_path = path
+        if not path:
+            opts.model = row["model"]
+    req = saved.get("requested", {})
+    for key, default in (("device", "auto"), ("dtype", "auto"), ("quant", "16")):
+        if getattr(opts, key) == default and req.get(key):
+            setattr(opts, key, str(req[key]))
+    if opts.system is None and saved.get("system") is not None:
+        opts.system = saved["system"]
+    opts.cid = row["id"]
+    history = []
+    for t in logs.turns(db, row["id"]):
+        history += [Message("user", t["prompt"], t["image"]), Message("assistant", t["response"])]
+    opts.history = history
 
 
 def run_turn(conv: Conversation, question: str, *, image: str | None = None, stream: bool,
@@ -400,10 +481,15 @@ def ask(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
     ] = False,
+    no_log: NoLogOpt = False,
+    cont: ContinueOpt = False,
+    cid: CidOpt = None,
     opts: RunOptions,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
     opts.system = system
+    opts.log = not no_log
+    resume(opts, cont, cid)
     opts.validate()
     piped = read_stdin()
     parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
@@ -421,10 +507,15 @@ def chat(
         bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
+    no_log: NoLogOpt = False,
+    cont: ContinueOpt = False,
+    cid: CidOpt = None,
     opts: RunOptions,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
     opts.system = system
+    opts.log = not no_log
+    resume(opts, cont, cid)
     interactive(opts, plain=plain, stats=stats)
 
 
@@ -449,6 +540,7 @@ def interactive(
             image=image,
             plain=plain,
             stats=stats or opts.verbose,
+            setup=lambda conv: attach_log(opts, chat_model, conv),
         )
         raise typer.Exit(code)
     line_chat(opts, chat_model, image)
@@ -593,6 +685,75 @@ def bench(
         ):
             t.add_row(k, v)
         Console().print(t)
+
+    guarded(debug, run)
+
+
+@app.command(name="logs")
+def logs_cmd(
+    action: Annotated[
+        str | None, typer.Argument(help="list | path | status | on | off (default: show turns)")
+    ] = None,
+    count: Annotated[int, typer.Option("-n", "--count", help="How many")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list")] = False,
+    query: Annotated[str | None, typer.Option("-q", "--query", help="Full-text search")] = None,
+    cid: Annotated[str | None, typer.Option("--cid", help="One conversation")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Show and search the conversation log (every finished turn of chat and ask)."""
+
+    def run() -> None:
+        from llmchat import logs
+
+        if action in ("on", "off"):
+            logs.set_enabled(action == "on")
+            err_console().print(f"Logging {action}.")
+            return
+        path = logs.db_path()
+        if action == "path":
+            print(path)
+            return
+        if action not in (None, "list", "status"):
+            raise UsageError(f"unknown logs action {action!r}: list, path, status, on, off")
+        try:
+            db = logs.open_existing()
+        except logs.LogError as exc:
+            raise LLMChatError(str(exc)) from None
+        if action == "status":
+            n_conv = n_resp = 0
+            if db is not None:
+                n_conv = db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+                n_resp = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")
+                       if p.is_file()) if path.parent.exists() else 0
+            print(f"Logging: {'on' if logs.enabled() else 'off'}\nFile: {path}\n"
+                  f"Conversations: {n_conv}\nResponses: {n_resp}\nSize: {size:,} bytes")
+            return
+        if action == "list":
+            rows = logs.conversations(db, count) if db is not None else []
+            if as_json:
+                print(json.dumps(rows, ensure_ascii=False, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['id']}  {r['updated_utc']}  {r['model']}  {r['turns']} turn(s)  "
+                          f"{r['name']}")
+            return
+        rows = logs.responses(db, n=count, query=query, cid=cid) if db is not None else []
+        if as_json:
+            print(json.dumps(rows, ensure_ascii=False, indent=2))
+            return
+        parts = []
+        for r in rows:
+            parts.append(f"## {r['datetime_utc']} · {r['model']} · conversation "
+                         f"{r['conversation_id']}\n\n**Prompt:**\n\n{r['prompt']}\n\n"
+                         f"**Response:**\n\n{r['response']}\n")
+        text = "\n".join(parts)
+        if sys.stdout.isatty():
+            from rich.markdown import Markdown
+
+            Console().print(Markdown(text))
+        else:
+            print(text, end="")
 
     guarded(debug, run)
 

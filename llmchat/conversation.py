@@ -9,7 +9,7 @@ the turn only when that reply has finished. A reply stopped early leaves no trac
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ class Conversation:
     system: str | None = None
     turns: list[Message] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Called with (conversation, question, finished reply) after each finished turn (the log).
+    log: Callable[[Conversation, Message, Reply], None] | None = field(default=None, repr=False)
     _turn_cost: dict[tuple[Message, Message], int] = field(default_factory=dict, repr=False)
 
     # -- the recorded conversation -----------------------------------------------------------
@@ -76,6 +78,8 @@ class Conversation:
 
         def record(r: Reply) -> None:
             self.turns = [*base, question_msg, Message("assistant", r.text)]
+            if self.log is not None:
+                self.log(self, question_msg, r)
 
         return reply.on_done(record)
 

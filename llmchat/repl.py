@@ -51,11 +51,9 @@ def data_dir() -> Path:
     """Where history and saved chats live: ``$LLMCHAT_HOME``, else the platform's data dir."""
     if home := os.environ.get("LLMCHAT_HOME"):
         return Path(home).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "llmchat"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "llmchat"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "llmchat"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("llmchat", appauthor=False))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -352,6 +350,15 @@ class Repl:
         except (LLMChatError, ValueError):
             used = None
         self.ui.settings(self.model.name, self.model.info, self.config, used)
+        self.ui.note(f"Conversation id: {self.conv.id}")
+
+    def cmd_new(self, arg: str) -> None:
+        import uuid
+
+        self.conv.clear()
+        self.conv.id = uuid.uuid4().hex
+        self.image, self.retrying = None, False
+        self.ui.note(f"New conversation {self.conv.id}.")
 
     def cmd_stats(self, arg: str) -> None:
         self.show_stats = not self.show_stats
@@ -446,6 +453,7 @@ COMMANDS: dict[str, Command] = {
     "/system": Command(Repl.cmd_system, "/system [TEXT]", "show or set the system prompt"),
     "/set": Command(Repl.cmd_set, "/set KEY VALUE", "change a setting: " + ", ".join(SETTINGS)),
     "/show": Command(Repl.cmd_show, "/show", "model, settings and context used"),
+    "/new": Command(Repl.cmd_new, "/new", "start a new conversation (a new log id)"),
     "/stats": Command(Repl.cmd_stats, "/stats", "toggle speed and token figures after replies"),
     "/save": Command(Repl.cmd_save, "/save [FILE]", "save the conversation as JSON"),
     "/load": Command(Repl.cmd_load, "/load FILE", "continue a saved conversation"),
@@ -467,7 +475,8 @@ def _default_read(history_file: Path | None) -> Read:
 def run_repl(model: ChatModel, config: GenerationConfig, *, system: str | None = None,
              image: str | os.PathLike[str] | None = None, plain: bool = False,
              stats: bool = False, read: Read | None = None, console: Console | None = None,
-             history_file: Path | None = None) -> int:
+             history_file: Path | None = None,
+             setup: Callable[[Conversation], None] | None = None) -> int:
     """Run the interactive chat until the user quits; returns the exit status (0).
 
     Args:
@@ -480,6 +489,9 @@ def run_repl(model: ChatModel, config: GenerationConfig, *, system: str | None =
     if read is None:
         read = _default_read(history_file or data_dir() / "history")
     repl = Repl(model, config, ui, read, stats=stats)
+    if setup is not None:
+        setup(repl.conv)
+        repl.setup = setup
     ui.header(model.name, model.info, config.max_length)
     if system:
         repl.cmd_system(system)

@@ -1,0 +1,93 @@
+"""The conversation log: real SQLite files in the per-test LLMCHAT_HOME, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from llmchat import logs
+from llmchat.types import ReplyStats
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = ["--device", "cpu", "--dtype", "float32"]
+GREEDY = ["--temperature", "0", "--max-new-tokens", "8"]
+
+
+def run_cli(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "llmchat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def stats() -> ReplyStats:
+    return ReplyStats(prompt_tokens=3, completion_tokens=4, finish_reason="stop", total_s=0.5)
+
+
+def test_fts_search_with_chinese_and_short_like() -> None:
+    lg = logs.Logger(model="m", model_path=None, options={})
+    lg.log("c1", "今天天气怎么样", None, "北京今天晴朗", stats(), {})
+    lg.log("c1", "hello there", None, "general kenobi", stats(), {})
+    db = logs.connect()
+    assert [r["prompt"] for r in logs.responses(db, n=5, query="天气怎")] == ["今天天气怎么样"]
+    assert [r["prompt"] for r in logs.responses(db, n=5, query="晴朗")] == ["今天天气怎么样"]
+    assert [r["prompt"] for r in logs.responses(db, n=5, query="kenobi")] == ["hello there"]
+
+
+def test_older_schema_is_migrated() -> None:
+    path = logs.db_path()
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript(logs.V1)
+    db.execute("INSERT INTO conversations VALUES ('old', '旧的对话', 'm', '2020-01-01')")
+    db.execute("INSERT INTO responses VALUES ('r1','old','m','旧问题来了',NULL,'旧回答在此','{}',"
+               "1,2,30,'2020-01-01')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    db = logs.connect()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == logs.SCHEMA_VERSION
+    assert [r["id"] for r in logs.responses(db, n=5, query="旧问题")] == ["r1"]
+
+
+def test_corrupt_file_warns_once_and_reply_is_given(glm2_dir: Path) -> None:
+    path = logs.db_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a database at all" * 100)
+    res = run_cli(["ask", "-p", str(glm2_dir), *CPU, *GREEDY, "你好"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    assert res.stderr.count("warning:") == 1 and str(path) in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_three_process_continuation_matches_one_chat(glm2_dir: Path) -> None:
+    qs = ["你好", "然后呢", "再说一遍"]
+    one = run_cli(["chat", "-p", str(glm2_dir), *CPU, *GREEDY, "--no-log"], "\n".join(qs) + "\n")
+    assert one.returncode == 0, one.stderr
+    assert not logs.db_path().exists()  # --no-log
+    a = run_cli(["chat", "-p", str(glm2_dir), *CPU, *GREEDY], qs[0] + "\n")
+    b = run_cli(["chat", "-c", *GREEDY], qs[1] + "\n")
+    c = run_cli(["ask", "-c", *GREEDY, qs[2]])
+    for r in (a, b, c):
+        assert r.returncode == 0, r.stderr
+    assert a.stdout + b.stdout + c.stdout == one.stdout
+    out = run_cli(["logs", "-n", "20", "--json"])
+    rows = json.loads(out.stdout)
+    assert [r["prompt"] for r in rows] == qs
+    assert len({r["conversation_id"] for r in rows}) == 1
+    for key in ("id", "conversation_id", "model", "prompt", "system", "response", "options",
+                "prompt_tokens", "completion_tokens", "finish_reason", "duration_ms",
+                "datetime_utc"):
+        assert key in rows[0]
+    assert run_cli(["logs", "list"]).stdout.count("3 turn(s)") == 1
+
+
+def test_continue_with_empty_log_and_unknown_cid() -> None:
+    r = run_cli(["ask", "-c", "hi"])
+    assert r.returncode != 0 and "empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["ask", "--cid", "nope", "hi"])
+    assert r.returncode != 0 and "nope" in r.stderr
