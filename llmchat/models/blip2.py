@@ -41,7 +41,7 @@ def _unsupported(what: str) -> UnsupportedCheckpointError:
 def _check(d: dict[str, Any], ranges: dict[str, Range], where: str, keys: tuple[str, ...]) -> None:
     for key in keys:
         if key not in d:
-            raise UnsupportedCheckpointError(f"VisualGLM config.json: {where} has no {key!r}")
+            raise UnsupportedCheckpointError(f"VisualGLM config.json: {where} incomplete (no {key!r})")
     check_values(d, ranges, "VisualGLM", f"{where}.")
 
 
@@ -70,7 +70,7 @@ class EvaConfig:
         "num_layers": (int, 1, 256), "hidden_size": (int, 1, 1 << 16),
         "num_attention_heads": (int, 1, 1024), "inner_hidden_size": (int, 1, BIG),
         "vocab_size": (int, 1, 1), "layernorm_epsilon": (float, 0.0, 1.0),
-        "image_size": (int, 1, 4096), "patch_size": (int, 1, 4096), "in_channels": (int, 1, 16),
+        "patch_size": (int, 1, 4096), "in_channels": (int, 1, 16),
     }
 
     @classmethod
@@ -86,7 +86,8 @@ class EvaConfig:
         size = (size, size) if isinstance(size, int) else tuple(size)
         require(len(size) == 2, "VisualGLM", f"eva_config.image_size is {size!r}: [height, width]")
         for side in size:
-            check_values({"image_size": side}, cls._RANGES, "VisualGLM", "eva_config.")
+            check_values({"image_size": side}, {"image_size": (int, 1, 4096)}, "VisualGLM",
+                         "eva_config.")
         cfg = cls(
             num_layers=d["num_layers"], hidden_size=d["hidden_size"],
             num_heads=d["num_attention_heads"],
