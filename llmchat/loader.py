@@ -29,8 +29,8 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel
-from llmchat.safeio import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, inside, read_json
 from llmchat.registry import ModelSpec, detect, hub_cache_dir, resolve
+from llmchat.safeio import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, inside, read_json
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)

@@ -38,7 +38,15 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
-from llmchat.models.layers import BIG, Range, check_values, embedding, renamed, require, require_keys
+from llmchat.models.layers import (
+    BIG,
+    Range,
+    check_values,
+    embedding,
+    renamed,
+    require,
+    require_keys,
+)
 from llmchat.safeio import MAX_CONFIG_BYTES, read_json
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns

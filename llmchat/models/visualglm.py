@@ -36,7 +36,6 @@ from torch import Tensor
 from llmchat.errors import ImageError, UnsupportedCheckpointError
 from llmchat.models import chatglm
 from llmchat.models.base import TransformerChatModel
-from llmchat.models.layers import check_values
 from llmchat.models.blip2 import BLIP2, EvaConfig, QFormerConfig, preprocess
 from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
     INVALID_FALLBACK_ID,
@@ -46,6 +45,7 @@ from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
     postprocess,
     stop_ids,
 )
+from llmchat.models.layers import check_values
 from llmchat.types import Message, split_turns
 
 if TYPE_CHECKING:
