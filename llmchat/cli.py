@@ -326,7 +326,8 @@ def run_turn(conv: Conversation, question: str, *, image: str | None = None, str
         s = reply.stats
         Stdout.end_line()
         err_console().print(
-            f"[dim]{s.prompt_tokens} prompt tokens, {s.completion_tokens} reply tokens, "
+            f"[dim]{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), "
+            f"{s.completion_tokens} reply tokens, "
             f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s "
             f"({s.finish_reason})[/]"
         )
@@ -359,6 +360,7 @@ def one_shot(
                     "model": model.name,
                     "reply": reply.text,
                     "prompt_tokens": s.prompt_tokens,
+                    "cached_tokens": s.cached_tokens,
                     "completion_tokens": s.completion_tokens,
                     "seconds": round(time.perf_counter() - t0, 4),
                     "ttft_seconds": round(s.ttft_s, 4),
