@@ -50,6 +50,26 @@ app = typer.Typer(
 )
 
 
+def version_callback(value: bool) -> None:
+    if value:
+        from llmchat import __version__
+
+        print(f"llmchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version"
+        ),
+    ] = False,
+) -> None:
+    """Chat locally with ChatGLM-6B, ChatGLM2-6B, VisualGLM-6B and Qwen-7B-Chat."""
+
+
 def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -61,54 +81,101 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Model name (see `llmchat models`); downloaded to the HF cache on first use.",
+        rich_help_panel="Model",
     ),
 ]
 PathOpt = Annotated[
     str | None,
     typer.Option(
-        "--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer)."
+        "--model-path",
+        "-p",
+        help="Local checkpoint directory (config.json, weights, tokenizer).",
+        rich_help_panel="Model",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Model")]
 DtypeOpt = Annotated[
     str,
     typer.Option(
         help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; "
-        "float32 on CPU, bfloat16 with --quant 8/4)"
+        "float32 on CPU, bfloat16 with --quant 8/4)",
+        rich_help_panel="Model",
     ),
 ]
 QuantOpt = Annotated[
-    str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")
+    str,
+    typer.Option(
+        "--quant",
+        "-q",
+        rich_help_panel="Model",
+        help="16 | 8 | 4 (aliases fp16, int8, int4); 16 = the floating-point weights as stored "
+        "(a pre-quantized checkpoint loads as it is)",
+    ),
 ]
 TempOpt = Annotated[
-    float | None, typer.Option("--temperature", "-t", help="0 = greedy (default: the model's)")
+    float | None,
+    typer.Option(
+        "--temperature",
+        "-t",
+        help="0 = greedy (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: the model's)")
+    float | None,
+    typer.Option(
+        "--top-p", help="Nucleus sampling mass (default: the model's)", rich_help_panel="Generation"
+    ),
 ]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables (default: the model's)")]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option("--top-k", help="0 disables (default: the model's)", rich_help_panel="Generation"),
+]
 RepOpt = Annotated[
-    float | None, typer.Option("--repetition-penalty", help="[default: the model's]")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="Divide the scores of tokens already in the prompt or reply by this (> 1 "
+        "discourages repeats; transformers' semantics) (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 MaxNewOpt = Annotated[
-    int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "-n", help="Cap on the reply length", rich_help_panel="Generation"
+    ),
 ]
 MaxLenOpt = Annotated[
     int | None,
     typer.Option(
         "--max-length",
         help="Total context budget in tokens (prompt + reply) (default: the model's)",
+        rich_help_panel="Generation",
     ),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", help="Seed for reproducible sampling", rich_help_panel="Generation"),
+]
 SystemOpt = Annotated[
     str | None,
-    typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)"),
+    typer.Option(
+        "--system",
+        "-s",
+        help="System prompt (models with a system role: Qwen)",
+        rich_help_panel="Generation",
+    ),
 ]
 VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Load and speed figures on stderr", rich_help_panel="Output"
+    ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks", rich_help_panel="Output")
+]
 
 
 @dataclass
@@ -305,8 +372,9 @@ def new_conversation(opts: RunOptions, model: ChatModel) -> Conversation:
     return Conversation(model, opts.config(model), system=opts.system)
 
 
-def run_turn(conv: Conversation, question: str, *, image: str | None = None, stream: bool,
-             verbose: bool) -> Reply:
+def run_turn(
+    conv: Conversation, question: str, *, image: str | None = None, stream: bool, verbose: bool
+) -> Reply:
     """One turn: notes on stderr, the reply streamed to stdout (or not), figures after it."""
     reply = conv.send(question, image=image)
     if reply.dropped_turns:
