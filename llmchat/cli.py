@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import time
 import warnings
@@ -271,7 +272,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
         err_console().print("[dim]interrupted[/]")
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
-        raise typer.Exit(ExitCode.SUCCESS) from None
+        raise
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug or an unforeseen environment problem
@@ -402,10 +403,54 @@ def run_turn(
     return reply
 
 
+MAX_INPUT_BYTES = 4 << 20  # one question (piped stdin, one line of a piped chat)
+
+
+def decode_input(data: bytes, what: str, *, utf16: bool = True) -> str:
+    """Bytes from stdin as text by one rule for every model: UTF-8 (a UTF-8 byte order mark,
+    and with ``utf16`` a UTF-16 one, is honoured); anything else is a ``UsageError`` naming
+    where it breaks."""
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    for bom, codec in boms if utf16 else boms[:1]:
+        if data.startswith(bom):
+            data, enc = data[len(bom):], codec
+            break
+    else:
+        enc = "utf-8"
+    try:
+        text = data.decode(enc)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not valid {enc.upper()} text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise UsageError(f"{what} contains NUL characters (binary data, or UTF-16 without a "
+                         "byte order mark?)")
+    return text
+
+
 def read_stdin() -> str | None:
     if sys.stdin is None or sys.stdin.isatty():
         return None
-    return sys.stdin.read()
+    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"stdin is over {MAX_INPUT_BYTES >> 20} MiB")
+    return decode_input(data, "stdin")
+
+
+def stdin_lines() -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the line end), None for a line over ``MAX_INPUT_BYTES``
+    (its rest is skipped), without ever holding more than one such line."""
+    n, buf = 0, sys.stdin.buffer
+    while True:
+        raw = buf.readline(MAX_INPUT_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_INPUT_BYTES and not raw.endswith(b"\n"):
+            while (more := buf.readline(MAX_INPUT_BYTES)) and not more.endswith(b"\n"):
+                pass
+            yield n, None
+            continue
+        yield n, raw.rstrip(b"\r\n")
 
 
 def one_shot(
@@ -447,15 +492,29 @@ def one_shot(
 
 
 def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> None:
-    """The scripting contract: one user message per stdin line, one reply line each."""
+    """The scripting contract: one user message per stdin line, one reply line each. A line
+    that cannot be answered (not UTF-8, too long, over the context budget) is reported on
+    stderr with its number and skipped; the batch goes on, and the exit status is then 1."""
     conv = new_conversation(opts, model)
-    for raw in sys.stdin:
-        line = raw.rstrip("\r\n")
-        if not line.strip():
+    failed = 0
+    for n, raw in stdin_lines():
+        try:
+            if raw is None:
+                raise UsageError(f"the line is over {MAX_INPUT_BYTES >> 20} MiB")
+            line = decode_input(raw, "the line", utf16=False)
+            if not line.strip():
+                continue
+            run_turn(conv, line, image=image, stream=True, verbose=opts.verbose)
+        except LLMChatError as exc:
+            failed += 1
+            Stdout.end_line()
+            msg = " ".join(str(exc).split())
+            err_console().print(f"[bold red]error:[/] line {n}: {escape(msg)} (skipped)")
             continue
-        run_turn(conv, line, image=image, stream=True, verbose=opts.verbose)
         image = None  # attached once, to the first question
         Stdout.write("\n")
+    if failed:
+        raise typer.Exit(ExitCode.ERROR)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -667,10 +726,36 @@ def bench(
     guarded(debug, run)
 
 
+def _quiet_broken_pipe(self: Console) -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(ExitCode.SUCCESS)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: option errors as one ``error:`` line (exit 2), a closed or
+    broken stdout handled without a traceback."""
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, wherever typer keeps it
+    # rich's documented hook for a reader that went away (`llmchat --help | head -1`): its
+    # default exits 1; for us that is a normal end, as for any Unix filter.
+    Console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]
+
+    if sys.stdout is None:  # started with stdout closed: nothing can be written
+        sys.stderr.write("error: stdout is closed; nothing could be written\n")
+        sys.exit(ExitCode.ERROR)
     try:
-        app()
-    except BrokenPipeError:  # `llmchat ask ... | head`
-        sys.stderr.close()
+        code = app(standalone_mode=False)
+        sys.stdout.flush()
+    except usage_error as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+        msg = " ".join(exc.format_message().split())
+        err_console().print(f"[bold red]error:[/] {escape(msg)}{hint}", highlight=False)
+        sys.exit(ExitCode.USAGE)
+    except typer.Abort:
+        sys.exit(ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # `llmchat ask ... | head`: the reader has gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(ExitCode.SUCCESS)
+    except OSError as exc:  # stdout closed or unwritable (EBADF, ENOSPC, ...)
+        sys.stderr.write(f"error: cannot write the output: {exc.strerror or exc}\n")
+        sys.exit(ExitCode.ERROR)
+    sys.exit(code if isinstance(code, int) else ExitCode.SUCCESS)

@@ -197,6 +197,12 @@ class TransformerChatModel(ChatModel):
             raise UsageError("the conversation must end with a user message")
         if not messages[-1].content.strip() and messages[-1].image is None:
             raise UsageError("empty message")
+        for m in messages:  # one rule for every tokenizer: text must be encodable Unicode
+            try:
+                m.content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UsageError(f"a {m.role} message is not valid Unicode text (character "
+                                 f"{exc.start})") from None
         if not self.supports_system and any(m.role == "system" for m in messages):
             raise UsageError(f"{self.name} has no system role; --system is not available")
         if not self.supports_images and any(m.image for m in messages):
