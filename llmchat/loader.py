@@ -29,7 +29,7 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel
-from llmchat.registry import ModelSpec, detect, hub_cache_dir, resolve
+from llmchat.registry import ModelSpec, detect, hub_cache_dir, read_tokenizer_config, resolve
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -362,7 +362,7 @@ def load(
     dev = resolve_device(device)
     path = find_checkpoint(model, model_path, download=download)
     hf = read_config(path)
-    spec = detect(hf)
+    spec = detect(hf, read_tokenizer_config(path))
     if model and model_path is not None and not Path(model).is_dir():
         asked = resolve(model)
         if asked.name != spec.name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -71,30 +72,78 @@ def resolve(name: str) -> ModelSpec:
     raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
 
 
-def detect(config: dict[str, Any]) -> ModelSpec:
-    """Which preset a checkpoint's config.json belongs to.
+# Newer GLM checkpoints share ChatGLM2's config keys (multi_query_attention, padded_vocab_size):
+# they are told apart by their name, vocabulary and tokenizer, and refused by name.
+_LATER_GLM = (("chatglm3", "ChatGLM3-6B"), ("glm-4", "GLM-4"), ("glm4", "GLM-4"))
+_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+GLM4_VOCAB = 151552
+
+
+def _later_glm(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> str | None:
+    """'ChatGLM3-6B' or 'GLM-4' (with the reason) when a ChatGLM2-shaped checkpoint is one."""
+    for key, where in (("_name_or_path", config), ("name_or_path", tokenizer_config)):
+        value = str(where.get(key) or "").lower().replace("_", "-")
+        for needle, family in _LATER_GLM:
+            if needle in value:
+                return f"{family} ({key} {where.get(key)!r})"
+    vocab = config.get("padded_vocab_size") or config.get("vocab_size") or 0
+    if isinstance(vocab, int) and vocab >= GLM4_VOCAB:
+        return f"GLM-4 (vocabulary of {vocab} tokens)"
+    if isinstance(config.get("eos_token_id"), list):
+        return "GLM-4 (several eos_token_id)"
+    tok_class = str(tokenizer_config.get("tokenizer_class") or "")
+    if tok_class == "ChatGLM4Tokenizer":
+        return "GLM-4 (tokenizer_class ChatGLM4Tokenizer)"
+    text = json.dumps(tokenizer_config, ensure_ascii=False)
+    found = [t for t in _ROLE_TOKENS if t in text]
+    if found:
+        return f"ChatGLM3-6B (its tokenizer has the role tokens {', '.join(found)})"
+    return None
+
+
+def read_tokenizer_config(path: Path) -> dict[str, Any]:
+    """``tokenizer_config.json`` of a checkpoint directory, or {} (it is optional)."""
+    try:
+        data = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def detect(config: dict[str, Any], tokenizer_config: dict[str, Any] | None = None) -> ModelSpec:
+    """Which preset a checkpoint's config.json (and tokenizer_config.json) belongs to.
 
     ChatGLM-6B, ChatGLM2-6B and VisualGLM-6B all say ``model_type: chatglm`` and
     ``ChatGLMModel``; they differ in the keys they carry (as chatglm.cpp's converter tells them
-    apart): VisualGLM has ``eva_config``, ChatGLM2 has ``multi_query_attention``.
+    apart): VisualGLM has ``eva_config``, ChatGLM2 has ``multi_query_attention``. ChatGLM3-6B and
+    GLM-4 carry ChatGLM2's keys too; they are refused (``_later_glm``).
     """
+    tokenizer_config = tokenizer_config or {}
     archs = [str(a) for a in config.get("architectures") or []]
     model_type = str(config.get("model_type", ""))
     auto_map = " ".join(str(v) for v in (config.get("auto_map") or {}).values())
+    supported = (
+        "llmchat supports ChatGLM-6B, ChatGLM2-6B, VisualGLM-6B and Qwen-7B-Chat"
+    )
     if "QWenLMHeadModel" in archs or model_type == "qwen":
         return resolve("qwen-7b-chat")
+    if model_type in ("glm", "glm4") or any(a.startswith(("GlmFor", "Glm4For")) for a in archs):
+        what = ", ".join(archs) or model_type
+        raise UnsupportedCheckpointError(f"GLM-4 checkpoints ({what}) are not supported; {supported}")
     if model_type == "chatglm" or any(a.startswith("ChatGLM") for a in archs):
         if "eva_config" in config or "WithImage" in auto_map:
             return resolve("visualglm-6b")
         if "multi_query_attention" in config or "padded_vocab_size" in config:
+            later = _later_glm(config, tokenizer_config)
+            if later:
+                raise UnsupportedCheckpointError(
+                    f"this is a {later} checkpoint, which is not supported; {supported}"
+                )
             return resolve("chatglm2-6b")
         if "position_encoding_2d" in config or "inner_hidden_size" in config:
             return resolve("chatglm-6b")
     what = ", ".join(archs) or model_type or "no 'architectures' or 'model_type'"
-    raise UnsupportedCheckpointError(
-        f"unsupported architecture ({what}); llmchat supports ChatGLM-6B, ChatGLM2-6B, "
-        "VisualGLM-6B and Qwen-7B-Chat"
-    )
+    raise UnsupportedCheckpointError(f"unsupported architecture ({what}); {supported}")
 
 
 def cached_snapshot(spec: ModelSpec) -> Path | None:
