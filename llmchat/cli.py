@@ -479,6 +479,11 @@ def models(
                 "memory_gb": spec.memory_gb,
                 "cached": str(cached) if cached else None,
                 "description": spec.description,
+                "quantized": [  # official pre-quantized repos, fetched for --quant N
+                    {"name": f"{spec.name}-int{bits}", "quant": bits, "hub_id": repo,
+                     "cached": str(c) if (c := cached_snapshot(repo)) else None}
+                    for bits, repo in sorted(spec.quantized.items())
+                ],
             }
         )
     if as_json:
@@ -488,7 +493,7 @@ def models(
 
     table = Table(box=None, header_style="bold")
     for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "hub id"))
     for r in rows:
         mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
         table.add_row(
@@ -498,6 +503,14 @@ def models(
             mem,
             "[green]yes[/]" if r["cached"] else "[dim]no[/]",
         )
+        for q in r["quantized"]:
+            table.add_row(
+                f"  {q['name']}",
+                f"--quant {q['quant']}",
+                q["hub_id"],
+                f"{r['memory_gb'].get('int' + str(q['quant']), '?')} GB",
+                "[green]yes[/]" if q["cached"] else "[dim]no[/]",
+            )
     Console().print(table)
 
 

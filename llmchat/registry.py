@@ -20,7 +20,7 @@ class ModelSpec:
     hub_id: str
     description: str = ""
     aliases: tuple[str, ...] = ()
-    template: str = ""
+    quantized: dict[int, str] = field(default_factory=dict)  # bits → official pre-quantized repo
     supports_images: bool = False
     cuda_dtype: str = "float16"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -36,14 +36,23 @@ def configs_dir() -> Path:
     raise CheckpointError(f"model presets not found next to {here}")  # broken install
 
 
+PRESET_KEYS = {
+    "name", "module", "hub_id", "description", "aliases", "quantized", "supports_images",
+    "cuda_dtype", "generation", "memory_gb",
+}
+
+
 def _spec(data: dict[str, Any]) -> ModelSpec:
+    unknown = sorted(set(data) - PRESET_KEYS)
+    if unknown:  # a key nothing reads is a mistake in the preset (broken install)
+        raise CheckpointError(f"preset {data.get('name')!r} has unknown keys: {unknown}")
     return ModelSpec(
         name=data["name"],
         module=data["module"],
         hub_id=data["hub_id"],
         description=data.get("description", ""),
         aliases=tuple(data.get("aliases", ())),
-        template=data.get("template", ""),
+        quantized={int(bits): str(repo) for bits, repo in data.get("quantized", {}).items()},
         supports_images=bool(data.get("supports_images", False)),
         cuda_dtype=data.get("cuda_dtype", "float16"),
         generation=GenerationConfig(**data.get("generation", {})),
@@ -62,14 +71,38 @@ def models() -> dict[str, ModelSpec]:
     return out
 
 
-def resolve(name: str) -> ModelSpec:
-    """A preset by name or alias (case-insensitive)."""
+def _names(spec: ModelSpec) -> dict[str, int]:
+    """Every name of a preset → the bits it implies (0: none). ``chatglm2-6b-int4``,
+    ``chatglm2-int4`` and ``THUDM/chatglm2-6b-int4`` name the pre-quantized repository."""
+    names = {n: 0 for n in (spec.name, *spec.aliases, spec.hub_id.lower())}
+    for bits, repo in spec.quantized.items():
+        for base in (spec.name, *spec.aliases):
+            names.setdefault(f"{base}-int{bits}", bits)
+        names.setdefault(repo.lower(), bits)
+        names.setdefault(repo.lower().rpartition("/")[2], bits)
+    return names
+
+
+def lookup(name: str) -> tuple[ModelSpec, int]:
+    """A preset by name, alias or hub id (case-insensitive), with the bits the name implies:
+    ``chatglm2-6b-int4`` → (chatglm2-6b, 4); ``chatglm2`` → (chatglm2-6b, 0)."""
     key = name.strip().lower()
     for spec in models().values():
-        if key == spec.name or key in spec.aliases or key == spec.hub_id.lower():
-            return spec
+        bits = _names(spec).get(key)
+        if bits is not None:
+            return spec, bits
     known = ", ".join(models())
     raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
+
+
+def resolve(name: str) -> ModelSpec:
+    """A preset by name or alias (case-insensitive)."""
+    return lookup(name)[0]
+
+
+def repo_for(spec: ModelSpec, bits: int) -> str:
+    """The hub repository for ``--quant bits``: the official pre-quantized one where it exists."""
+    return spec.quantized.get(bits, spec.hub_id)
 
 
 # Newer GLM checkpoints share ChatGLM2's config keys (multi_query_attention, padded_vocab_size):
@@ -129,7 +162,9 @@ def detect(config: dict[str, Any], tokenizer_config: dict[str, Any] | None = Non
         return resolve("qwen-7b-chat")
     if model_type in ("glm", "glm4") or any(a.startswith(("GlmFor", "Glm4For")) for a in archs):
         what = ", ".join(archs) or model_type
-        raise UnsupportedCheckpointError(f"GLM-4 checkpoints ({what}) are not supported; {supported}")
+        raise UnsupportedCheckpointError(
+            f"GLM-4 checkpoints ({what}) are not supported; {supported}"
+        )
     if model_type == "chatglm" or any(a.startswith("ChatGLM") for a in archs):
         if "eva_config" in config or "WithImage" in auto_map:
             return resolve("visualglm-6b")
@@ -146,13 +181,15 @@ def detect(config: dict[str, Any], tokenizer_config: dict[str, Any] | None = Non
     raise UnsupportedCheckpointError(f"unsupported architecture ({what}); {supported}")
 
 
-def cached_snapshot(spec: ModelSpec) -> Path | None:
-    """The cached directory for a preset, or None (never touches the network)."""
+def cached_snapshot(spec: ModelSpec | str) -> Path | None:
+    """The cached directory of a preset (or of a hub repository id), or None (never touches the
+    network)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
         return None
-    hit = try_to_load_from_cache(spec.hub_id, "config.json", cache_dir=hub_cache_dir())
+    repo = spec if isinstance(spec, str) else spec.hub_id
+    hit = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache_dir())
     return Path(hit).parent if isinstance(hit, str) else None
 
 

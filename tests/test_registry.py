@@ -152,3 +152,17 @@ def test_loader_refuses_a_chatglm3_directory(tmp_path: Path) -> None:
         {"chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{% endfor %}<|assistant|>"}))
     with pytest.raises(UnsupportedCheckpointError, match="ChatGLM3-6B"):
         load(model_path=tmp_path, device="cpu")
+
+
+def test_presets_have_no_dead_keys() -> None:
+    """Every key of configs/*.toml is read into ModelSpec (``template`` was never used: each
+    model module builds its own prompt)."""
+    import dataclasses
+    import tomllib
+
+    from llmchat.registry import PRESET_KEYS, ModelSpec, configs_dir
+
+    assert "template" not in {f.name for f in dataclasses.fields(ModelSpec)}
+    for path in configs_dir().glob("*.toml"):
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        assert set(data) <= PRESET_KEYS, path.name
