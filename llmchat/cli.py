@@ -107,6 +107,10 @@ VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="CPU threads (default: the free physical cores)"),
+]
 
 
 @dataclass
@@ -122,6 +126,7 @@ class RunOptions:
     verbose: bool
     debug: bool
     system: str | None = None
+    threads: int | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -160,6 +165,7 @@ SHARED_OPTIONS = [
         ("seed", SeedOpt, None),
         ("verbose", VerboseOpt, False),
         ("debug", DebugOpt, False),
+        ("threads", ThreadsOpt, None),
     )
 ]
 
@@ -252,6 +258,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             device=opts.device,
             dtype=opts.dtype,
             progress=progress,
+            threads=opts.threads,
         )
     if opts.system is not None and not model.supports_system:
         raise UsageError(f"{model.name} has no system role; --system is not available")
@@ -265,7 +272,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             f"[dim]{model.name} from {i.path}: {i.device}, {i.dtype}, quant {i.quant}"
             f"{' (' + str(i.extra['quant_backend']) + ')' if 'quant_backend' in i.extra else ''}, "
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
-            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]"
+            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB, {i.extra.get('threads')} threads[/]"
         )
     return model
 

@@ -39,6 +39,7 @@ from llmchat.registry import (
     repo_for,
     resolve,
 )
+from llmchat.threads import apply_threads
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -389,10 +390,16 @@ def load(
     dtype: str = "auto",
     progress: Progress | None = None,
     download: bool = True,
+    threads: int | None = None,
 ) -> ChatModel:
-    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``."""
+    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
+
+    ``threads``: torch's CPU thread count (default: the free physical cores, see
+    ``llmchat.threads``), set before anything runs and reported as ``info.extra["threads"]``.
+    """
     t0 = time.perf_counter()
     bits = parse_quant(quant)
+    n_threads = apply_threads(threads)
     dev = resolve_device(device)
     path = find_checkpoint(model, model_path, download=download, quant=bits)
     hf = read_config(path)
@@ -431,6 +438,7 @@ def load(
         peak_rss_bytes=peak_rss_bytes(),
     )
     info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra["threads"] = n_threads
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
     ):
