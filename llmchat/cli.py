@@ -25,10 +25,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmchat.errors import LLMChatError, UsageError
-from llmchat.types import GenerationConfig, Message, parse_quant
+from llmchat.types import GenerationConfig, parse_quant
 
 if TYPE_CHECKING:
+    from llmchat.conversation import Conversation
     from llmchat.models.base import ChatModel
+    from llmchat.types import Reply
 
 
 class ExitCode(IntEnum):
@@ -48,6 +50,26 @@ app = typer.Typer(
 )
 
 
+def version_callback(value: bool) -> None:
+    if value:
+        from llmchat import __version__
+
+        print(f"llmchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version"
+        ),
+    ] = False,
+) -> None:
+    """Chat locally with ChatGLM-6B, ChatGLM2-6B, VisualGLM-6B and Qwen-7B-Chat."""
+
+
 def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -59,57 +81,109 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Model name (see `llmchat models`); downloaded to the HF cache on first use.",
+        rich_help_panel="Model",
     ),
 ]
 PathOpt = Annotated[
     str | None,
     typer.Option(
-        "--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer)."
+        "--model-path",
+        "-p",
+        help="Local checkpoint directory (config.json, weights, tokenizer).",
+        rich_help_panel="Model",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Model")]
 DtypeOpt = Annotated[
     str,
     typer.Option(
         help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; "
-        "float32 on CPU, bfloat16 with --quant 8/4)"
+        "float32 on CPU, bfloat16 with --quant 8/4)",
+        rich_help_panel="Model",
     ),
 ]
 QuantOpt = Annotated[
-    str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")
+    str,
+    typer.Option(
+        "--quant",
+        "-q",
+        rich_help_panel="Model",
+        help="16 | 8 | 4 (aliases fp16, int8, int4); 16 = the floating-point weights as stored "
+        "(a pre-quantized checkpoint loads as it is)",
+    ),
 ]
 TempOpt = Annotated[
-    float | None, typer.Option("--temperature", "-t", help="0 = greedy (default: the model's)")
+    float | None,
+    typer.Option(
+        "--temperature",
+        "-t",
+        help="0 = greedy (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: the model's)")
+    float | None,
+    typer.Option(
+        "--top-p", help="Nucleus sampling mass (default: the model's)", rich_help_panel="Generation"
+    ),
 ]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables (default: the model's)")]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option("--top-k", help="0 disables (default: the model's)", rich_help_panel="Generation"),
+]
 RepOpt = Annotated[
-    float | None, typer.Option("--repetition-penalty", help="[default: the model's]")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="Divide the scores of tokens already in the prompt or reply by this (> 1 "
+        "discourages repeats; transformers' semantics) (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 MaxNewOpt = Annotated[
-    int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "-n", help="Cap on the reply length", rich_help_panel="Generation"
+    ),
 ]
 MaxLenOpt = Annotated[
     int | None,
     typer.Option(
         "--max-length",
         help="Total context budget in tokens (prompt + reply) (default: the model's)",
+        rich_help_panel="Generation",
     ),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", help="Seed for reproducible sampling", rich_help_panel="Generation"),
+]
 SystemOpt = Annotated[
     str | None,
-    typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)"),
+    typer.Option(
+        "--system",
+        "-s",
+        help="System prompt (models with a system role: Qwen)",
+        rich_help_panel="Generation",
+    ),
 ]
 VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Load and speed figures on stderr", rich_help_panel="Output"
+    ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks", rich_help_panel="Output")
+]
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", min=1, help="CPU threads (default: the free physical cores)"),
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (default: the physical cores that are free)",
+        rich_help_panel="Model",
+    ),
 ]
 
 
@@ -132,8 +206,6 @@ class RunOptions:
         """Check every option before the (slow) model load."""
         parse_quant(self.quant)
         GenerationConfig().with_(**self.settings)
-        if self.system is not None and not self.system.strip():
-            raise UsageError("--system is empty")
 
     def config(self, model: ChatModel) -> GenerationConfig:
         return model.defaults.with_(**self.settings)
@@ -156,6 +228,7 @@ SHARED_OPTIONS = [
         ("device", DeviceOpt, "auto"),
         ("dtype", DtypeOpt, "auto"),
         ("quant", QuantOpt, "16"),
+        ("threads", ThreadsOpt, None),
         ("temperature", TempOpt, None),
         ("top_p", TopPOpt, None),
         ("top_k", TopKOpt, None),
@@ -165,7 +238,6 @@ SHARED_OPTIONS = [
         ("seed", SeedOpt, None),
         ("verbose", VerboseOpt, False),
         ("debug", DebugOpt, False),
-        ("threads", ThreadsOpt, None),
     )
 ]
 
@@ -206,6 +278,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         if debug:
             raise
+        Stdout.end_line()
         err_console().print("[dim]interrupted[/]")
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
@@ -260,8 +333,6 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             progress=progress,
             threads=opts.threads,
         )
-    if opts.system is not None and not model.supports_system:
-        raise UsageError(f"{model.name} has no system role; --system is not available")
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
         err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
     if "note" in model.info.extra:
@@ -277,39 +348,70 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
     return model
 
 
-def stream_reply(
-    model: ChatModel,
-    messages: list[Message],
-    config: GenerationConfig,
-    *,
-    out: Callable[[str], None] | None,
-    verbose: bool,
-) -> tuple[str, list[Message]]:
-    """Fit the history, stream one reply to ``out``; return (reply, kept messages)."""
-    kept, dropped = model.fit(messages, config)
-    if dropped:
+class Stdout:
+    """Model text to stdout, remembering whether the last thing written ended a line, so a
+    diagnostic on stderr (figures, ``interrupted``) always starts on a fresh line."""
+
+    at_line_start = True
+
+    @classmethod
+    def write(cls, text: str) -> None:
+        if not text:
+            return
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        cls.at_line_start = text.endswith("\n")
+
+    @classmethod
+    def end_line(cls) -> None:
+        if not cls.at_line_start:
+            cls.write("\n")
+
+
+def check_system(opts: RunOptions, model: ChatModel) -> None:
+    """``--system`` against the model: ``-s ""`` means no system prompt (an empty one where the
+    model has a system role, as upstream's ``chat(system="")``)."""
+    if opts.system is not None and not model.supports_system:
+        if opts.system.strip():
+            raise UsageError(f"{model.name} has no system role; --system is not available")
+        opts.system = None
+
+
+def new_conversation(opts: RunOptions, model: ChatModel) -> Conversation:
+    from llmchat.conversation import Conversation
+
+    check_system(opts, model)
+    return Conversation(model, opts.config(model), system=opts.system)
+
+
+def run_turn(
+    conv: Conversation, question: str, *, image: str | None = None, stream: bool, verbose: bool
+) -> Reply:
+    """One turn: notes on stderr, the reply streamed to stdout (or not), figures after it."""
+    reply = conv.send(question, image=image)
+    if reply.dropped_turns:
+        Stdout.end_line()
         err_console().print(
-            f"[yellow]note:[/] dropped the {dropped} oldest turn(s) to fit the "
-            f"context budget of {config.max_length} tokens"
+            f"[yellow]note:[/] dropped the {reply.dropped_turns} oldest turn(s) from what is "
+            f"sent, to fit the context budget of {conv.config.max_length} tokens"
         )
-    parts = []
-    for delta in model.stream_chat(kept, config):
-        parts.append(delta)
-        if out is not None:
-            out(delta)
-    s = model.last_stats
+    try:
+        for delta in reply:
+            if stream:
+                Stdout.write(delta)
+    except KeyboardInterrupt:
+        Stdout.end_line()
+        raise
     if verbose:
+        s = reply.stats
+        Stdout.end_line()
         err_console().print(
-            f"[dim]{s.prompt_tokens} prompt tokens, {s.completion_tokens} reply tokens, "
+            f"[dim]{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), "
+            f"{s.completion_tokens} reply tokens, "
             f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s "
             f"({s.finish_reason})[/]"
         )
-    return s.extra.get("reply", "".join(parts)), kept
-
-
-def write_out(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    return reply
 
 
 def read_stdin() -> str | None:
@@ -327,21 +429,18 @@ def one_shot(
     default_model: str | None = None,
 ) -> None:
     model = load_model(opts, default_model=default_model)
-    config = opts.config(model)
-    messages = [Message("system", opts.system)] if opts.system else []
-    messages.append(Message("user", question, image))
+    conv = new_conversation(opts, model)
     t0 = time.perf_counter()
-    reply, _ = stream_reply(
-        model, messages, config, out=None if as_json else write_out, verbose=opts.verbose
-    )
+    reply = run_turn(conv, question, image=image, stream=not as_json, verbose=opts.verbose)
     if as_json:
-        s, i = model.last_stats, model.info
+        s, i = reply.stats, model.info
         print(
             json.dumps(
                 {
                     "model": model.name,
-                    "reply": reply,
+                    "reply": reply.text,
                     "prompt_tokens": s.prompt_tokens,
+                    "cached_tokens": s.cached_tokens,
                     "completion_tokens": s.completion_tokens,
                     "seconds": round(time.perf_counter() - t0, 4),
                     "ttft_seconds": round(s.ttft_s, 4),
@@ -350,30 +449,25 @@ def one_shot(
                     "device": i.device,
                     "dtype": i.dtype,
                     "quant": i.quant,
-                    "config": config.to_dict(),
+                    "config": conv.config.to_dict(),
                 },
                 ensure_ascii=False,
             )
         )
     else:
-        write_out("\n")
+        Stdout.write("\n")
 
 
 def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> None:
     """The scripting contract: one user message per stdin line, one reply line each."""
-    config = opts.config(model)
-    history = [Message("system", opts.system)] if opts.system else []
+    conv = new_conversation(opts, model)
     for raw in sys.stdin:
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
-        msg = Message("user", line, image)
+        run_turn(conv, line, image=image, stream=True, verbose=opts.verbose)
         image = None  # attached once, to the first question
-        reply, kept = stream_reply(
-            model, [*history, msg], config, out=write_out, verbose=opts.verbose
-        )
-        write_out("\n")
-        history = [*kept, Message("assistant", reply)]
+        Stdout.write("\n")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -426,6 +520,7 @@ def interactive(
 ) -> None:
     opts.validate()
     chat_model = load_model(opts, default_model=default_model)
+    check_system(opts, chat_model)
     if sys.stdin is not None and sys.stdin.isatty():
         from llmchat.repl import run_repl
 

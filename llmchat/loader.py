@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
-from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel
+from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel, contract
 from llmchat.registry import (
     ModelSpec,
     cached_snapshot,
@@ -363,7 +363,7 @@ def build_model(
             checkpoint_bits=checkpoint_bits,
             dtype=dtype,
             device=device,
-            skip=getattr(module, "quant_skip", None),
+            skip=contract(module).quant_skip,
         )
     load_weights(
         net,
@@ -409,6 +409,7 @@ def load(
         if asked.name != spec.name:
             raise UsageError(f"--model {model} but {path} holds a {spec.name} checkpoint")
     module = importlib.import_module(spec.module)
+    contract(module)  # a module missing part of the model contract fails here, loudly
     cfg = module.Config.from_hf(hf)
     tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
@@ -446,5 +447,5 @@ def load(
             f"float32 needs {fp32_bytes / 2**30:.1f} GiB, more than the free memory allows: "
             "running in bfloat16 (pass --dtype float32 to insist)"
         )
-    chat_cls: type[TransformerChatModel] = getattr(module, "ChatModelClass", TransformerChatModel)
+    chat_cls = contract(module).chat_model_class or TransformerChatModel
     return chat_cls(spec, module, net, tokenizer, info)

@@ -207,3 +207,24 @@ def test_bench_on_a_checkpoint_and_usage_errors(glm2_dir: Path) -> None:
     ):
         bad = runner.invoke(app, args)
         assert bad.exit_code == 2 and msg in bad.stderr
+
+
+def test_version_and_option_panels() -> None:
+    from llmchat import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"llmchat {__version__}"
+    helptext = CliRunner().invoke(app, ["ask", "--help"], terminal_width=120).output
+    for panel in ("Model", "Generation", "Output"):
+        assert f"─ {panel} " in helptext
+    assert "discourages repeats" in helptext
+
+
+def test_verbose_figures_start_on_a_fresh_line(glm2_dir: Path) -> None:
+    """As on a terminal, where stdout and stderr share one screen."""
+    res = subprocess.run([sys.executable, "-m", "llmchat", "ask", "-p", str(glm2_dir), "-t", "0",
+                          "-n", "5", "-v", "你好"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout
+    figures = [ln for ln in res.stdout.splitlines() if "prompt tokens (0 cached)" in ln]
+    assert len(figures) == 1 and figures[0].startswith(tuple("0123456789"))
