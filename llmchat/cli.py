@@ -177,6 +177,15 @@ VerboseOpt = Annotated[
 DebugOpt = Annotated[
     bool, typer.Option("--debug", help="Show tracebacks", rich_help_panel="Output")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (default: the physical cores that are free)",
+        rich_help_panel="Model",
+    ),
+]
 
 
 @dataclass
@@ -192,6 +201,7 @@ class RunOptions:
     verbose: bool
     debug: bool
     system: str | None = None
+    threads: int | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -219,6 +229,7 @@ SHARED_OPTIONS = [
         ("device", DeviceOpt, "auto"),
         ("dtype", DtypeOpt, "auto"),
         ("quant", QuantOpt, "16"),
+        ("threads", ThreadsOpt, None),
         ("temperature", TempOpt, None),
         ("top_p", TopPOpt, None),
         ("top_k", TopKOpt, None),
@@ -321,6 +332,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             device=opts.device,
             dtype=opts.dtype,
             progress=progress,
+            threads=opts.threads,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
         err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
@@ -332,7 +344,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             f"[dim]{model.name} from {i.path}: {i.device}, {i.dtype}, quant {i.quant}"
             f"{' (' + str(i.extra['quant_backend']) + ')' if 'quant_backend' in i.extra else ''}, "
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
-            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]"
+            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB, {i.extra.get('threads')} threads[/]"
         )
     return model
 
@@ -628,6 +640,11 @@ def models(
                 "memory_gb": spec.memory_gb,
                 "cached": str(cached) if cached else None,
                 "description": spec.description,
+                "quantized": [  # official pre-quantized repos, fetched for --quant N
+                    {"name": f"{spec.name}-int{bits}", "quant": bits, "hub_id": repo,
+                     "cached": str(c) if (c := cached_snapshot(repo)) else None}
+                    for bits, repo in sorted(spec.quantized.items())
+                ],
             }
         )
     if as_json:
@@ -637,7 +654,7 @@ def models(
 
     table = Table(box=None, header_style="bold")
     for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "hub id"))
     for r in rows:
         mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
         table.add_row(
@@ -647,6 +664,14 @@ def models(
             mem,
             "[green]yes[/]" if r["cached"] else "[dim]no[/]",
         )
+        for q in r["quantized"]:
+            table.add_row(
+                f"  {q['name']}",
+                f"--quant {q['quant']}",
+                q["hub_id"],
+                f"{r['memory_gb'].get('int' + str(q['quant']), '?')} GB",
+                "[green]yes[/]" if q["cached"] else "[dim]no[/]",
+            )
     Console().print(table)
 
 
