@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
+from llmchat.errors import CheckpointError
 from llmchat.types import GenerationConfig
 
 
@@ -129,6 +130,11 @@ def generate_tokens(
         assert prefill is None and cache.offset == cached < len(prompt)
     first = prefill(ids, cache) if prefill else model(ids[:, cached:], cache, last_only=True)
     logits = first[0, -1].float()
+    if not bool(torch.isfinite(logits).all()):  # one check, at the first step only
+        raise CheckpointError(
+            "the model computed NaN/Inf scores for the prompt: the checkpoint's weights are "
+            "broken (or overflow in this dtype; try --dtype float32)"
+        )
     for i in range(max_new_tokens):
         token = sample(logits, seen[:n], n)
         if token in stop_ids:
