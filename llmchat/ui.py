@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
 
+from llmchat.termsafe import visible
 from llmchat.types import GenerationConfig, Message, ReplyStats
 
 THEME = Theme({
@@ -146,7 +147,7 @@ class MarkdownStream:
 
     def _rows(self, block: str) -> list[Row]:
         """Rows of a block: leading/trailing blank rows trimmed, one separator row before."""
-        md = Markdown(block, code_theme=self.code_theme)
+        md = Markdown(visible(block), code_theme=self.code_theme)
         rows = [_rstrip(r) for r in self.console.render_lines(md, self.console.options)]
         while rows and _blank(rows[0]):
             rows.pop(0)
@@ -194,8 +195,11 @@ class PlainStream:
 
     def push(self, delta: str) -> None:
         self.text += delta
-        self.console.print(delta, end="", markup=False, highlight=False, emoji=False,
-                           soft_wrap=True)
+        if self.console.is_terminal:  # control characters shown, never obeyed
+            self.console.print(visible(delta), end="", markup=False, highlight=False,
+                               emoji=False, soft_wrap=True)
+        else:  # byte for byte (rich's Text would drop CR, BS, BEL, VT and FF)
+            self.console.file.write(delta)
         self.console.file.flush()
 
     def close(self) -> None:
@@ -228,21 +232,21 @@ class ChatUI:
 
     # -- one-line messages ----------------------------------------------------------------
     def info(self, msg: str) -> None:
-        self.console.print(Text(msg, style="llmchat.info"), soft_wrap=True)
+        self.console.print(Text(visible(msg), style="llmchat.info"), soft_wrap=True)
 
     def note(self, msg: str) -> None:
-        self.console.print(Text(msg, style="llmchat.muted"), soft_wrap=True)
+        self.console.print(Text(visible(msg), style="llmchat.muted"), soft_wrap=True)
 
     def warn(self, msg: str) -> None:
-        self.console.print(Text(msg, style="llmchat.warn"), soft_wrap=True)
+        self.console.print(Text(visible(msg), style="llmchat.warn"), soft_wrap=True)
 
     def error(self, msg: str) -> None:
-        self.console.print(Text(msg, style="llmchat.error"), soft_wrap=True)
+        self.console.print(Text(visible(msg), style="llmchat.error"), soft_wrap=True)
 
     # -- the session ----------------------------------------------------------------------
     def header(self, name: str, info: Any, budget: int) -> None:
         line = Text.assemble(
-            ("llmchat ", "llmchat.title"), (name, "bold"),
+            ("llmchat ", "llmchat.title"), (visible(name), "bold"),
             (f"  {info.dtype} · {info.device} · {quant_label(info.quant)} · "
              f"context {budget} tokens", "llmchat.muted"))
         self.console.print(line)
@@ -272,9 +276,9 @@ class ChatUI:
         for m in messages:
             label = {"system": "System", "user": "You", "assistant": "Assistant"}[m.role]
             t = Text.assemble((f"{label}: ", f"llmchat.{m.role}" if m.role != "system"
-                               else "llmchat.muted"), m.content)
+                               else "llmchat.muted"), visible(m.content))
             if m.image:
-                t.append(f"  [image: {m.image}]", style="llmchat.muted")
+                t.append(f"  [image: {visible(m.image)}]", style="llmchat.muted")
             self.console.print(t)
 
     def table(self, rows: Sequence[tuple[str, str]], title: str | None = None) -> None:
@@ -282,9 +286,9 @@ class ChatUI:
         grid.add_column(style="bold")
         grid.add_column()
         for key, value in rows:
-            grid.add_row(key, Text(value))
+            grid.add_row(visible(key), Text(visible(value)))
         if title:
-            self.console.print(Text(title, style="llmchat.title"))
+            self.console.print(Text(visible(title), style="llmchat.title"))
         self.console.print(grid)
 
     def settings(self, name: str, info: Any, config: GenerationConfig, used: int | None) -> None:
