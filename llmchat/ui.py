@@ -15,10 +15,13 @@ stdout writes the raw deltas instead.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -354,22 +357,103 @@ def _completer(commands: dict[str, str], set_keys: Sequence[str]) -> Any:
     return _Complete()
 
 
+def _warn_stderr(msg: str) -> None:
+    make_console(stderr=True).print(Text(visible(msg), style="llmchat.warn"), soft_wrap=True)
+
+
+def _private_file_history(path: Path) -> Any:
+    """prompt_toolkit's FileHistory, but the file is created (and kept) readable by us only."""
+    from prompt_toolkit.history import FileHistory
+
+    class PrivateFileHistory(FileHistory):
+        def store_string(self, string: str) -> None:
+            fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                f.write(f"\n# {datetime.now()}\n".encode())
+                f.write("".join(f"+{line}\n" for line in string.split("\n")).encode())
+
+    return PrivateFileHistory(os.fspath(path))
+
+
+def guard_history(inner: Any, warn: Callable[[str], None]) -> Any:
+    """``inner`` (a prompt_toolkit History) whose read and write errors cost one warning.
+
+    prompt_toolkit loads and stores history inside its event loop, where an ``OSError`` (a full
+    disk, a directory in the way) prints "Unhandled exception in event loop" and waits for Enter
+    on every input. Here the first such error is reported through ``warn`` and the session goes
+    on with the history kept in memory only. ``warn`` is called with the message outside the
+    prompt (``PromptReader`` collects it from ``pending``).
+    """
+    from prompt_toolkit.history import History
+
+    class GuardedHistory(History):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.broken, self.pending = inner, False, []
+
+        def _fail(self, exc: OSError, doing: str) -> None:
+            if not self.broken:
+                self.broken = True
+                name = getattr(self.inner, "filename", "the history file")
+                self.pending.append(f"warning: cannot {doing} the input history {name} "
+                                    f"({exc.strerror or exc}); history is kept for this "
+                                    "session only")
+
+        def load_history_strings(self) -> Iterable[str]:
+            try:
+                return list(self.inner.load_history_strings())
+            except OSError as exc:
+                self._fail(exc, "read")
+                return []
+
+        def store_string(self, string: str) -> None:
+            if self.broken:
+                return
+            try:
+                self.inner.store_string(string)
+            except OSError as exc:
+                self._fail(exc, "write to")
+
+        def flush_warnings(self) -> None:
+            while self.pending:
+                warn(self.pending.pop(0))
+
+    return GuardedHistory()
+
+
 class PromptReader:
-    """Line editing, persistent history, Tab completion and multi-line input (prompt_toolkit)."""
+    """Line editing, persistent history, Tab completion and multi-line input (prompt_toolkit).
+
+    The history file is private (0600). If it cannot be used (read-only home, a directory in the
+    way, a full disk) one warning says so and the history lives in memory for the session.
+    """
 
     def __init__(self, history_file: Path | None, commands: dict[str, str],
-                 set_keys: Sequence[str]) -> None:
+                 set_keys: Sequence[str], *, warn: Callable[[str], None] | None = None) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+        from prompt_toolkit.history import History, InMemoryHistory
 
+        self.warn = warn or _warn_stderr
         history: History = InMemoryHistory()
+        self._guard: Any = None
         if history_file is not None:
             try:
                 history_file.parent.mkdir(parents=True, exist_ok=True)
-                history_file.touch(exist_ok=True)
-                history = FileHistory(os.fspath(history_file))
-            except OSError:  # read-only home: history just is not kept
-                pass
+                fd = os.open(history_file, os.O_RDONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    mode = os.fstat(fd).st_mode
+                    if not stat.S_ISREG(mode):
+                        raise IsADirectoryError(errno.EISDIR, "not a regular file")
+                    if mode & 0o077:  # an older, world-readable history
+                        os.fchmod(fd, stat.S_IMODE(mode) & 0o700)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.warn(f"warning: cannot use the input history {history_file} "
+                          f"({exc.strerror or exc}); history is kept for this session only")
+            else:
+                history = self._guard = guard_history(_private_file_history(history_file),
+                                                      self.warn)
         self.session: Any = PromptSession(
             history=history, completer=_completer(commands, set_keys),
             complete_while_typing=False, key_bindings=_key_bindings(),
@@ -377,4 +461,8 @@ class PromptReader:
             enable_open_in_editor=False)
 
     def __call__(self, prompt: str, default: str = "") -> str:
-        return str(self.session.prompt(prompt, default=default))
+        try:
+            return str(self.session.prompt(prompt, default=default))
+        finally:
+            if self._guard is not None:
+                self._guard.flush_warnings()

@@ -76,3 +76,105 @@ def test_error_line_from_a_hostile_config_is_escaped(tmp_path: Path) -> None:
     assert res.exit_code != 0
     assert res.stderr.startswith("error: ") and "\\x1b]2;EVIL" in res.stderr
     assert "\x1b" not in res.stderr
+
+
+# -- 4, 5. the input history: private, and never in the way ----------------------------------------
+def _reader_session(hist: Path, lines: list[str], warnings: list[str]) -> list[str]:
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from llmchat.ui import PromptReader
+
+    got = []
+    with create_pipe_input() as inp, create_app_session(input=inp, output=DummyOutput()):
+        reader = PromptReader(hist, {"/help": "h"}, [], warn=warnings.append)
+        for line in lines:
+            inp.send_text(line + "\r")
+            got.append(reader(">>> "))
+    return got
+
+
+def test_history_file_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from llmchat.repl import data_dir
+
+    monkeypatch.setenv("LLMCHAT_HOME", str(tmp_path / "home"))
+    hist = data_dir() / "history"
+    old = os.umask(0o022)
+    try:
+        warnings: list[str] = []
+        assert _reader_session(hist, ["secret"], warnings) == ["secret"]
+        assert "secret" in hist.read_text(encoding="utf-8") and not warnings
+        assert hist.stat().st_mode & 0o777 == 0o600
+        hist.chmod(0o644)  # one written by an older llmchat is made private
+        _reader_session(hist, ["again"], warnings)
+        assert hist.stat().st_mode & 0o777 == 0o600
+        hist.unlink()  # deleted under a running session: recreated private
+        _reader_session(hist, ["third"], warnings)
+        assert hist.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_history_path_that_is_a_directory_falls_back(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from prompt_toolkit.history import FileHistory
+
+    hist = tmp_path / "history"
+    hist.mkdir()
+    warnings: list[str] = []
+    assert _reader_session(hist, ["one", "two"], warnings) == ["one", "two"]
+    assert len(warnings) == 1 and "history" in warnings[0] and str(hist) in warnings[0]
+    from llmchat.ui import PromptReader
+
+    reader = PromptReader(hist, {}, [], warn=warnings.append)
+    assert not isinstance(reader.session.history, FileHistory)
+    out = capsys.readouterr()
+    assert "Unhandled exception" not in out.out + out.err
+
+
+def test_full_disk_warns_once_and_goes_on(tmp_path: Path) -> None:
+    import errno
+
+    from prompt_toolkit.history import FileHistory
+
+    from llmchat.ui import guard_history
+
+    class FullDisk(FileHistory):
+        writes = 0
+
+        def store_string(self, string: str) -> None:
+            FullDisk.writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    warnings: list[str] = []
+    hist = guard_history(FullDisk(str(tmp_path / "h")), warnings.append)
+    for s in ["a", "b", "c"]:
+        hist.append_string(s)  # what prompt_toolkit calls when a line is accepted
+    hist.flush_warnings()
+    hist.flush_warnings()
+    assert hist.get_strings() == ["a", "b", "c"]  # still recalled this session
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert FullDisk.writes == 1
+
+
+def test_full_disk_in_a_prompt_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+    import os
+
+    real_open = os.open
+
+    def full(path: object, flags: int, *a: object) -> int:
+        if flags & os.O_WRONLY and str(path) == str(tmp_path / "history"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", full)
+    warnings: list[str] = []
+    assert _reader_session(tmp_path / "history", ["a", "b", "c"], warnings) == ["a", "b", "c"]
+    assert len(warnings) == 1 and "No space left" in warnings[0]
+    out = capsys.readouterr()
+    assert "Unhandled exception" not in out.out + out.err
