@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
 
-from llmchat.termsafe import visible
+from llmchat.termsafe import osc52, visible
 from llmchat.types import GenerationConfig, Message, ReplyStats
 
 THEME = Theme({
@@ -245,6 +245,18 @@ class ChatUI:
 
     def error(self, msg: str) -> None:
         self.console.print(Text(visible(msg), style="llmchat.error"), soft_wrap=True)
+
+    def copy_osc52(self, text: str) -> bool:
+        """Put ``text`` on the clipboard with the OSC 52 escape (tmux: DCS passthrough).
+
+        Works over SSH and inside tmux, where no clipboard tool can reach the user's desktop;
+        False (nothing written) when the output is not a terminal.
+        """
+        if not self.console.is_terminal:
+            return False
+        self.console.file.write(osc52(text))
+        self.console.file.flush()
+        return True
 
     # -- the session ----------------------------------------------------------------------
     def header(self, name: str, info: Any, budget: int) -> None:

@@ -178,3 +178,44 @@ def test_full_disk_in_a_prompt_session(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(warnings) == 1 and "No space left" in warnings[0]
     out = capsys.readouterr()
     assert "Unhandled exception" not in out.out + out.err
+
+
+# -- 3. /copy without a clipboard tool: OSC 52 ---------------------------------------------------
+@pytest.fixture
+def no_clipboard_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    for var in ("WAYLAND_DISPLAY", "DISPLAY", "TMUX"):
+        monkeypatch.delenv(var, raising=False)
+    return bin_dir
+
+
+REPLY = "你好, world\nline 2"
+B64 = "5L2g5aW9LCB3b3JsZApsaW5lIDI="  # base64 of REPLY's UTF-8
+
+
+def test_copy_falls_back_to_osc52(no_clipboard_tool: Path) -> None:
+    out = chat(FakeChatModel().enqueue(REPLY), ["q", "/copy"], terminal=True)
+    assert f"\x1b]52;c;{B64}\x07" in out and "OSC 52" in out
+
+
+def test_copy_osc52_inside_tmux(no_clipboard_tool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMUX", "/tmp/tmux-1000/default,1,0")
+    out = chat(FakeChatModel().enqueue(REPLY), ["q", "/copy"], terminal=True)
+    assert f"\x1bPtmux;\x1b\x1b]52;c;{B64}\x07\x1b\\" in out
+
+
+def test_copy_osc52_when_the_tool_fails(no_clipboard_tool: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPLAY", ":0")  # xclip there but no X server reachable (SSH)
+    tool = no_clipboard_tool / "xclip"
+    tool.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+    tool.chmod(0o755)
+    out = chat(FakeChatModel().enqueue(REPLY), ["q", "/copy"], terminal=True)
+    assert f"\x1b]52;c;{B64}\x07" in out
+
+
+def test_copy_not_a_terminal_writes_no_escape(no_clipboard_tool: Path) -> None:
+    out = chat(FakeChatModel().enqueue(REPLY), ["q", "/copy"], terminal=False)
+    assert "]52;" not in out and "nothing was copied" in out
