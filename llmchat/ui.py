@@ -3,14 +3,19 @@
 Streaming Markdown without flicker (``MarkdownStream``) is append-only. A reply is cut into
 blocks at blank lines outside code fences. A finished block is rendered once with rich's
 ``Markdown`` and printed as ordinary output: it is never touched again. Only the block still
-being written lives in a transient ``rich.live.Live`` region, redrawn in place as deltas arrive,
-so one paragraph at most is repainted and earlier text is never reprinted. If that block grows
-taller than the terminal (a long list or code block), its top rows are printed for good and only
-the bottom rows stay live; this relies on rich's wrapping being stable for a growing prefix,
-which holds for paragraphs, lists and code (not for tables, which are rare that long). Re-rendering
-is throttled to the time rendering takes, so a fast model is never slowed by the display, and
-each delta (one CJK character, say) shows as soon as it arrives. ``--plain`` or a non-terminal
-stdout writes the raw deltas instead.
+being written is the live tail: it is re-rendered as deltas arrive and only what changed is
+written (``MarkdownStream._draw``): from the first cell that differs, so text streaming into a
+paragraph costs about what ``--plain`` does (the new characters, no cursor movement), and a word
+wrapping to the next row or an emphasis closing rewrites from that point of its row only.
+Earlier text is never reprinted. If that block grows taller than the terminal (a long list or
+code block), its top rows are printed for good and only the bottom rows stay live; this relies on
+rich's wrapping being stable for a growing prefix, which holds for paragraphs, lists and code (not
+for tables, which are rare that long). After a resize the tail is erased by the height the
+terminal re-wrapped it to (reflowing terminals: VTE, kitty, iTerm2, tmux, Windows Terminal) and
+drawn again at the new width. Re-rendering is throttled to the time rendering takes, so a fast
+model is never slowed by the display, and each delta (one CJK character, say) shows as soon as it
+arrives. ``--plain`` or a non-terminal stdout writes the raw deltas instead. Control characters
+from the model are shown as ``\\xNN`` on a terminal (``llmchat.termsafe``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.live import Live
 from rich.markdown import Markdown
-from rich.segment import Segment
+from rich.segment import ControlType, Segment
 from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
@@ -52,18 +57,6 @@ Row = list[Segment]
 def make_console(*, stderr: bool = False) -> Console:
     """The default console; tests pass their own (``Console(file=StringIO())``)."""
     return Console(stderr=stderr, theme=THEME, highlight=False)
-
-
-class _Rows:
-    """Pre-rendered lines as a renderable (what is printed, or shown in the live region)."""
-
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.rows: Sequence[Row] = rows
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        for row in self.rows:
-            yield from row
-            yield Segment.line()
 
 
 def _plain_space(s: Segment) -> bool:
@@ -105,8 +98,8 @@ class MarkdownStream:
         self._fence: str | None = None  # open fence marker inside _block
         self._printed = 0  # rows of the unfinished block already printed for good
         self._blocks = 0  # finished blocks printed
-        self._live: Live | None = None
-        self._tail = _Rows([])  # what the live region shows; mutated in place
+        self._shown: list[Row] = []  # the live tail on screen; the cursor ends its last row
+        self._width = 0  # console width the tail was drawn at
         self._next_refresh = 0.0
 
     def push(self, delta: str) -> None:
@@ -122,13 +115,9 @@ class MarkdownStream:
         self._refresh(done)
 
     def close(self) -> None:
-        """Print what is left as final output and remove the live region."""
+        """Print what is left as final output; the cursor ends on a fresh line."""
         done = self._rows(self._block)[self._printed:] if self._block.strip() else []
-        if self._live is not None:
-            self._tail.rows = []
-            self._live.stop()
-            self._live = None
-        self._emit(done)
+        self._draw(done, [])
         self._blocks += bool(done)
         self._block, self._scanned, self._printed = "", 0, 0
 
@@ -158,10 +147,6 @@ class MarkdownStream:
             rows.pop()
         return [[], *rows] if self._blocks else rows
 
-    def _emit(self, rows: Sequence[Row]) -> None:
-        if rows:
-            self.console.print(_Rows(rows))
-
     def _refresh(self, done: list[Row]) -> None:
         now = time.perf_counter()
         if not done and now < self._next_refresh:
@@ -175,18 +160,80 @@ class MarkdownStream:
                 done += rows[self._printed: len(rows) - keep]
                 self._printed = len(rows) - keep
             tail = rows[self._printed:]
-        self._tail.rows = tail
-        if self._live is None:
-            self._live = Live(self._tail, console=self.console, auto_refresh=False,
-                              transient=True)
-            self._live.start()
-        if done:
-            self._emit(done)  # printing above the live region redraws it with the new tail
-        else:
-            self._live.refresh()
+        self._draw(done, tail)
         # Spend at most about half of the time rendering, so the model is never held up.
         spent = time.perf_counter() - now
         self._next_refresh = time.perf_counter() + max(spent, 1 / 120)
+
+    def _draw(self, done: list[Row], tail: list[Row]) -> None:
+        """Show ``done`` for good and ``tail`` live below it, writing only what changed.
+
+        The screen holds ``self._shown`` from the start of a line, the cursor at the end of its
+        last row. The first row that differs is found; if the old row is a prefix of the new one
+        (text streaming into a paragraph: nearly every delta) only the new characters are
+        written, else the cursor goes up to that row, the screen below is erased and the rows
+        from there are written. After a resize the terminal has re-wrapped the old rows (as
+        reflowing terminals do), so the cursor goes up by their re-wrapped height and all is
+        redrawn at the new width.
+        """
+        new = [list(Segment.simplify(r)) for r in (*done, *tail)]
+        old = self._shown
+        out: list[Segment] = []
+        width = self.console.width
+        start, rest = 0, new[0] if new else []
+        if old and width != self._width:  # resized: count the rows the terminal re-wrapped
+            up = sum(max(1, -(-Segment.get_line_length(r) // width)) for r in old) - 1
+            out.append(_move(up, 0))
+        elif old:
+            while start < min(len(old), len(new)) and old[start] == new[start]:
+                start += 1
+            if start == len(old):  # every row on screen stays: only rows to add
+                rest = [Segment.line(), *new[start]] if start < len(new) else []
+            else:  # redraw from the first cell that differs
+                col, rest = _common(old[start], new[start]) if start < len(new) else (0, [])
+                end = start == len(old) - 1 and col == Segment.get_line_length(old[start])
+                if not end:
+                    out.append(_move(len(old) - 1 - start, col))
+        out += rest
+        for row in new[start + 1:]:
+            out += [Segment.line(), *row]
+        if not tail and (old or new):
+            out.append(Segment.line())  # done for good: later output starts on a fresh line
+        self._shown, self._width = new[len(done):], width
+        if out:
+            self.console.print(_Segments(out), end="", soft_wrap=True)
+
+
+def _move(up: int, col: int) -> Segment:
+    """Up ``up`` rows to column ``col`` (0-based), erasing from there to the end of the screen."""
+    seq = (f"\x1b[{up}A" if up else "") + (f"\x1b[{col + 1}G" if col else "\r") + "\x1b[J"
+    return Segment(seq, None, [(ControlType.CURSOR_MOVE_TO_COLUMN, col)])
+
+
+def _common(old: Row, new: Row) -> tuple[int, Row]:
+    """The cells ``old`` and ``new`` share at their start, and the rest of ``new``."""
+    col = 0
+    for k, (a, b) in enumerate(zip(old, new, strict=False)):
+        if a == b:
+            col += a.cell_length
+            continue
+        if (a.style or None) != (b.style or None) or a.control or b.control:
+            return col, new[k:]
+        n = 0
+        while n < min(len(a.text), len(b.text)) and a.text[n] == b.text[n]:
+            n += 1
+        return col + cell_len(b.text[:n]), [Segment(b.text[n:], b.style), *new[k + 1:]]
+    return col, new[len(old):]
+
+
+class _Segments:
+    """Segments written as they are (no wrapping, no newline added)."""
+
+    def __init__(self, segments: Sequence[Segment]) -> None:
+        self.segments = segments
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.segments
 
 
 class PlainStream:

@@ -1,4 +1,4 @@
-"""Terminal safety and the terminal side of the REPL: escapes, streaming cost, clipboard, history."""
+"""Terminal safety and the REPL's terminal side: escapes, streaming cost, clipboard, history."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from tests.fakes import FakeChatModel
 EVIL = "\x1b]2;EVIL\x1b\\"
 
 
-def console(terminal: bool, width: int = 80, color: str | None = None) -> tuple[Console, io.StringIO]:
+def console(terminal: bool, width: int = 80,
+            color: str | None = None) -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
     return Console(file=buf, width=width, height=30, force_terminal=terminal, color_system=color,
                    legacy_windows=False), buf
@@ -219,3 +220,70 @@ def test_copy_osc52_when_the_tool_fails(no_clipboard_tool: Path,
 def test_copy_not_a_terminal_writes_no_escape(no_clipboard_tool: Path) -> None:
     out = chat(FakeChatModel().enqueue(REPLY), ["q", "/copy"], terminal=False)
     assert "]52;" not in out and "nothing was copied" in out
+
+
+# -- 2. streaming Markdown writes about what it shows ----------------------------------------------
+WORDS = ("The quick **brown** fox jumps over the lazy dog and keeps running through the field "
+         "while `code` and 中文字符 appear here and there in a longish paragraph. ")
+REPLY_MD = (WORDS * 3 + "\n\n- one item here\n- two items *there*\n\n```python\ndef f(x):\n"
+            "    return x + 1\n```\n\n" + WORDS * 2 + "\n\n1. first\n2. second\n")
+
+
+def _stream(kind: str, width: int = 80, resize_at: int | None = None) -> tuple[str, int]:
+    from llmchat.ui import MarkdownStream, PlainStream
+
+    con, buf = console(True, width=width, color="256")
+    stream = MarkdownStream(con) if kind == "md" else PlainStream(con)
+    tokens = re.findall(r"\s*\S+|\s+", REPLY_MD)
+    for i, tok in enumerate(tokens):
+        if i == resize_at:
+            con.width = width // 2
+        stream._next_refresh = 0.0  # type: ignore[union-attr]  # a slow model: redraw each time
+        stream.push(tok)
+    stream.close()
+    return buf.getvalue(), len(tokens)
+
+
+def test_markdown_stream_costs_about_what_plain_does() -> None:
+    md, n = _stream("md")
+    plain, _ = _stream("plain")
+    assert n >= 150
+    up = len(re.findall(r"\x1b\[\d*A", md))
+    erase = len(re.findall(r"\x1b\[[012]?[JK]", md))
+    assert len(md.encode()) <= 3 * len(plain.encode()), (len(md.encode()), len(plain.encode()))
+    assert up <= 20 and erase <= 40, (up, erase)
+
+
+def _screen(raw: str, width: int) -> list[str]:
+    pyte = pytest.importorskip("pyte")
+    sc = pyte.Screen(width, 200)
+    pyte.Stream(sc).feed(raw.replace("\n", "\r\n"))
+    lines = [line.rstrip() for line in sc.display]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def test_incremental_stream_leaves_the_one_shot_screen() -> None:
+    from rich.markdown import Markdown
+
+    md, _ = _stream("md")
+    ref, buf = console(True, width=80, color="256")
+    ref.print(Markdown(REPLY_MD))
+    assert _screen(md, 80) == _screen(buf.getvalue(), 80)
+
+
+def test_resize_moves_up_by_the_rewrapped_rows() -> None:
+    from llmchat.ui import MarkdownStream
+
+    con, buf = console(True, width=80)
+    stream = MarkdownStream(con)
+    stream.push("word " * 30)  # 150 cells: two rows of about 75 at width 80
+    before = len(buf.getvalue())
+    con.width = 40  # a reflowing terminal now shows each row as two
+    stream._next_refresh = 0.0
+    stream.push("end")
+    chunk = buf.getvalue()[before:]
+    assert chunk.startswith("\x1b[3A\r\x1b[J")  # to the top of the four rows, erased
+    stream.close()
+    assert buf.getvalue().count("word") == 30 + 30  # drawn once before, once after; no third
