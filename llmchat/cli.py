@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmchat.errors import LLMChatError, UsageError
+from llmchat.termsafe import visible
 from llmchat.types import GenerationConfig, parse_quant
 
 if TYPE_CHECKING:
@@ -272,7 +273,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except LLMChatError as exc:
         if debug:
             raise
-        msg = " ".join(str(exc).split())  # always one line
+        msg = visible(" ".join(str(exc).split()))  # always one line, control characters shown
         err_console().print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
         code = ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.ERROR
         raise typer.Exit(code) from None
@@ -289,7 +290,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except Exception as exc:  # a bug or an unforeseen environment problem
         if debug:
             raise
-        msg = " ".join(str(exc).split())
+        msg = visible(" ".join(str(exc).split()))
         err_console().print(
             f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
             "(run with --debug for the traceback)"
