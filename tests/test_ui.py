@@ -66,9 +66,9 @@ def test_reply_bytes_unchanged_when_not_a_terminal() -> None:
 def test_notes_and_errors_are_escaped() -> None:
     con, buf = console(True)
     ui = ChatUI(con)
-    for say in (ui.note, ui.info, ui.warn, ui.error):
+    for say in (ui.note, ui.warn, ui.error):
         say(f"x {EVIL} y")
-    assert "\x1b]" not in buf.getvalue() and buf.getvalue().count("\\x1b]2;EVIL") == 4
+    assert "\x1b]" not in buf.getvalue() and buf.getvalue().count("\\x1b]2;EVIL") == 3
 
 
 def test_error_line_from_a_hostile_config_is_escaped(tmp_path: Path) -> None:
