@@ -197,7 +197,7 @@ class MarkdownStream:
         out += rest
         for row in new[start + 1:]:
             out += [Segment.line(), *row]
-        if not tail and (old or new):
+        if new and not tail:
             out.append(Segment.line())  # done for good: later output starts on a fresh line
         self._shown, self._width = new[len(done):], width
         if out:
