@@ -336,9 +336,10 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             threads=opts.threads,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
-        err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
+        msg = visible(" ".join(str(w.message).split()))
+        err_console().print(f"[yellow]note:[/] {escape(msg)}")
     if "note" in model.info.extra:
-        err_console().print(f"[yellow]note:[/] {escape(str(model.info.extra['note']))}")
+        err_console().print(f"[yellow]note:[/] {escape(visible(str(model.info.extra['note'])))}")
     if opts.verbose:
         i = model.info
         err_console().print(
@@ -356,11 +357,17 @@ class Stdout:
 
     at_line_start = True
 
+    tty: bool | None = None
+
     @classmethod
     def write(cls, text: str) -> None:
+        """On a terminal control characters are shown escaped; a pipe gets the bytes as they
+        are."""
         if not text:
             return
-        sys.stdout.write(text)
+        if cls.tty is None:
+            cls.tty = sys.stdout.isatty()
+        sys.stdout.write(visible(text) if cls.tty else text)
         sys.stdout.flush()
         cls.at_line_start = text.endswith("\n")
 

@@ -287,3 +287,20 @@ def test_resize_moves_up_by_the_rewrapped_rows() -> None:
     assert chunk.startswith("\x1b[3A\r\x1b[J")  # to the top of the four rows, erased
     stream.close()
     assert buf.getvalue().count("word") == 30 + 30  # drawn once before, once after; no third
+
+
+def test_ask_on_a_terminal_shows_control_characters_escaped(monkeypatch) -> None:  # noqa: ANN001
+    import io
+
+    from llmchat import cli
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for tty, want in ((True, "\\x1b]2;EVIL"), (False, "\x1b]2;EVIL")):
+        out = Tty() if tty else io.StringIO()
+        monkeypatch.setattr(cli.sys, "stdout", out)
+        monkeypatch.setattr(cli.Stdout, "tty", None)
+        cli.Stdout.write("a \x1b]2;EVIL\x07 b")
+        assert want in out.getvalue()
