@@ -18,14 +18,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmchat import chatfile
+from llmchat.conversation import Conversation
 from llmchat.errors import ImageError, LLMChatError, UsageError
 from llmchat.types import GenerationConfig, Message
 from llmchat.ui import ChatUI, PromptReader
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 Read = Callable[[str], str]
 DOUBLE_CTRL_C_S = 1.0
-CONVERSATION_FORMAT = "llmchat.conversation"
 # /set KEY VALUE: the parser for each setting; "none" clears the optional ones.
 SETTINGS: dict[str, type] = {
     "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
@@ -55,47 +54,6 @@ def data_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "llmchat"
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "llmchat"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def load_conversation(path: Path) -> list[Message]:
-    """Messages from a ``/save`` file, validated (system first, then user/assistant pairs)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from None
-    raw = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(raw, list):
-        raise UsageError(f"{path} is not an llmchat conversation (no 'messages' list)")
-    msgs = [Message.from_dict(d) for d in raw]
-    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
-    for i, m in enumerate(body):
-        if m.role != ("user", "assistant")[i % 2]:
-            raise UsageError(f"{path}: message {i + 1} should be a "
-                             f"{('user', 'assistant')[i % 2]} message, not {m.role}")
-        if m.image and not Path(m.image).is_file():
-            raise UsageError(f"{path}: image {m.image} not found")
-    if len(body) % 2:
-        raise UsageError(f"{path}: the last question has no answer")
-    return msgs
 
 
 def clipboard_command() -> list[str] | None:
@@ -146,8 +104,9 @@ class Repl:
 
     def __init__(self, model: ChatModel, config: GenerationConfig, ui: ChatUI, read: Read, *,
                  stats: bool = False) -> None:
-        self.model, self.config, self.ui, self.read = model, config, ui, read
-        self.messages: list[Message] = []
+        self.model, self.ui, self.read = model, ui, read
+        self.conv = Conversation(model, config)
+        self.retrying = False  # the next question replaces the last turn (/retry)
         self.image: str | None = None  # attached to the next user message
         self.show_stats = stats
         self.prefill = ""  # text to put back into the next prompt
@@ -156,6 +115,18 @@ class Repl:
             self._takes_default = "default" in inspect.signature(read).parameters
         except (TypeError, ValueError):
             self._takes_default = False
+
+    @property
+    def config(self) -> GenerationConfig:
+        return self.conv.config
+
+    @config.setter
+    def config(self, value: GenerationConfig) -> None:
+        self.conv.config = value
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.conv.messages
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -167,6 +138,7 @@ class Repl:
                 if not self.dispatch(text, is_command):
                     return 0
             except KeyboardInterrupt:  # at the prompt (a reply handles its own)
+                self.retrying = False  # a cancelled /retry edit keeps the turn
                 if self.clock() - last_ctrl_c < DOUBLE_CTRL_C_S:
                     return 0
                 last_ctrl_c = self.clock()
@@ -212,26 +184,23 @@ class Repl:
         return line, line.startswith("/")
 
     def ask(self, question: str, *, image: str | None = None,
-            base: list[Message] | None = None) -> bool:
-        """Send one question; on success the turn (replacing ``base``'s tail) enters history."""
-        base = self.messages if base is None else base
+            replace_last: bool = False) -> bool:
+        """Send one question; the turn enters the conversation only if its reply finishes."""
+        replace_last = replace_last or self.retrying
+        self.retrying = False
         with _one_interrupt():
             try:
-                kept, dropped = self.model.fit([*base, Message("user", question, image)],
-                                               self.config)
-                if dropped:
+                reply = self.conv.send(question, image=image, replace_last=replace_last)
+                if reply.dropped_turns:
                     self.ui.warn(f"Context budget of {self.config.max_length} tokens reached: "
-                                 f"dropped the {dropped} oldest turn(s) from the conversation.")
+                                 f"dropped the {reply.dropped_turns} oldest turn(s) from what is "
+                                 "sent (the conversation keeps them).")
                 with self.ui.reply() as out:
-                    stream = self.model.stream_chat(kept, self.config)
                     try:
-                        for delta in stream:
+                        for delta in reply:
                             out.push(delta)
                     finally:
-                        close = getattr(stream, "close", None)
-                        if close is not None:
-                            close()
-                    reply = self.model.last_stats.extra.get("reply", out.text)
+                        reply.close()
             except KeyboardInterrupt:
                 self.ui.note("Interrupted: this turn is not kept in the history.")
                 self.image = image
@@ -240,18 +209,17 @@ class Repl:
                 what = str(exc) if isinstance(exc, LLMChatError) else f"{type(exc).__name__}: {exc}"
                 self.ui.error(f"error: {what}".splitlines()[0])
                 self.prefill, self.image = question, image
+                self.retrying = replace_last
                 return False
-        self.messages = [*kept, Message("assistant", reply)]
         self.image = None
         if self.show_stats:
-            self.ui.stats(self.model.last_stats)
+            self.ui.stats(reply.stats)
         return True
 
     def last_turn(self) -> Message | None:
-        """The last user message, when the history ends with a complete turn."""
-        if len(self.messages) >= 2 and self.messages[-1].role == "assistant":
-            return self.messages[-2]
-        return None
+        """The last user message, when the conversation ends with a complete turn."""
+        last = self.conv.last_turn()
+        return last[0] if last else None
 
     # -- commands ---------------------------------------------------------------------------
     def cmd_help(self, arg: str) -> None:
@@ -263,9 +231,9 @@ class Repl:
         return False
 
     def cmd_clear(self, arg: str) -> None:
-        self.messages = [m for m in self.messages if m.role == "system"]
-        self.image = None
-        kept = " (the system prompt is kept)" if self.messages else ""
+        self.conv.clear()
+        self.image, self.retrying = None, False
+        kept = " (the system prompt is kept)" if self.conv.system is not None else ""
         self.ui.note(f"Conversation cleared{kept}.")
 
     def cmd_history(self, arg: str) -> None:
@@ -275,34 +243,38 @@ class Repl:
         if (q := self.last_turn()) is None:
             self.ui.note("Nothing to undo.")
             return
-        del self.messages[-2:]
+        self.conv.undo()
         self.ui.note(f"Removed the last turn: {q.content[:60]}")
 
     def cmd_regen(self, arg: str) -> None:
         if (q := self.last_turn()) is None:
             self.ui.note("Nothing to regenerate.")
             return
-        self.ask(q.content, image=q.image, base=self.messages[:-2])
+        self.ask(q.content, image=q.image, replace_last=True)
 
     def cmd_retry(self, arg: str) -> None:
         if (q := self.last_turn()) is None:
             self.ui.note("Nothing to retry.")
             return
-        del self.messages[-2:]
-        self.prefill, self.image = q.content, q.image
-        self.ui.note("The last turn was removed; edit the question and press Enter.")
+        self.prefill, self.image, self.retrying = q.content, q.image, True
+        self.ui.note("Edit the question and press Enter: the answer replaces the last turn "
+                     "(Ctrl-C keeps it).")
 
     def cmd_system(self, arg: str) -> None:
         if not self.model.supports_system:
             self.ui.error(f"{self.model.name} has no system role, so /system is not available.")
             return
-        has = bool(self.messages) and self.messages[0].role == "system"
         if not arg:
-            self.ui.note(f"System prompt: {self.messages[0].content}" if has
-                         else "No system prompt. Set one with /system TEXT.")
+            system = self.conv.system
+            if system is None and self.model.default_system is not None:
+                self.ui.note(f"System prompt (the model's default): {self.model.default_system}")
+            elif system:
+                self.ui.note(f"System prompt: {system}")
+            else:
+                self.ui.note("No system prompt. Set one with /system TEXT.")
             return
-        self.messages[:int(has)] = [Message("system", arg)]
-        self.ui.note("System prompt set.")
+        self.conv.system = "" if arg.lower() in ("none", "off") else arg
+        self.ui.note("System prompt set." if self.conv.system else "No system prompt.")
 
     def cmd_set(self, arg: str) -> None:
         parts = arg.split(maxsplit=1)
@@ -343,27 +315,40 @@ class Repl:
         self.ui.note(f"Per-reply stats {'on' if self.show_stats else 'off'}.")
 
     def cmd_save(self, arg: str) -> None:
-        if arg:
-            path = Path(arg).expanduser()
-        else:
-            path = data_dir() / "chats" / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"format": CONVERSATION_FORMAT, "version": 1, "model": self.model.name,
-               "saved_at": datetime.now().isoformat(timespec="seconds"),
-               "messages": [m.to_dict() for m in self.messages]}
+        text = json.dumps(chatfile.document(self.model.name, self.messages), ensure_ascii=False,
+                          indent=2) + "\n"
         try:
-            write_atomic(path, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+            if not arg:
+                path = chatfile.save_new(data_dir() / "chats", text)
+            else:
+                path = Path(arg).expanduser()
+                if chatfile.existing_mode(path) is not None and not self.confirm(
+                        f"{path} exists. Replace it? [y/N] "):
+                    self.ui.note("Not saved.")
+                    return
+                chatfile.write_file(path, text)
         except OSError as exc:
-            self.ui.error(f"Cannot save to {path}: {exc.strerror or exc}")
+            where = arg or str(data_dir() / "chats")
+            self.ui.error(f"Cannot save to {where}: {exc.strerror or exc} (nothing was "
+                          "written; an existing file is unchanged)")
+            return
+        except LLMChatError as exc:
+            self.ui.error(f"Cannot save: {exc}")
             return
         self.ui.note(f"Saved {len(self.messages)} messages to {path}")
+
+    def confirm(self, question: str) -> bool:
+        try:
+            return self.read(question).strip().lower() in ("y", "yes")
+        except (EOFError, KeyboardInterrupt):
+            return False
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             self.ui.error("Usage: /load FILE")
             return
         try:
-            msgs = load_conversation(Path(arg).expanduser())
+            msgs = chatfile.load_conversation(Path(arg).expanduser())
             if msgs and msgs[0].role == "system" and not self.model.supports_system:
                 raise UsageError(f"{arg} has a system prompt and {self.model.name} has no "
                                  "system role")
@@ -372,26 +357,36 @@ class Repl:
         except LLMChatError as exc:
             self.ui.error(f"Cannot load: {exc}")
             return
-        self.messages, self.image = msgs, None
+        except Exception as exc:  # no /load failure may end the session
+            self.ui.error(f"Cannot load {arg}: {type(exc).__name__}: {exc}".splitlines()[0])
+            return
+        self.conv.load(msgs)
+        self.image, self.retrying = None, False
         self.ui.note(f"Loaded {sum(m.role == 'user' for m in msgs)} turns from {arg}")
 
     def cmd_copy(self, arg: str) -> None:
         if not self.messages or self.messages[-1].role != "assistant":
             self.ui.note("Nothing to copy yet.")
             return
-        cmd = clipboard_command()
-        if cmd is None:
-            self.ui.error("No clipboard tool found (pbcopy, wl-copy, xclip, xsel or clip.exe); "
-                          "nothing was copied.")
-            return
         text = self.messages[-1].content
-        data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
-        try:
-            subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.ui.error(f"{cmd[0]} failed: {exc}")
+        cmd = clipboard_command()
+        failed = ""
+        if cmd is not None:
+            data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
+            try:
+                subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                failed = f"{cmd[0]} failed: {exc}"
+            else:
+                self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+                return
+        # No tool (SSH, tmux, a bare console) or it failed: ask the terminal itself (OSC 52).
+        if self.ui.copy_osc52(text):
+            self.ui.note(f"Sent the last reply ({len(text)} characters) to the terminal's "
+                         "clipboard (OSC 52; some terminals need it enabled).")
             return
-        self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+        self.ui.error(failed or "No clipboard tool found (pbcopy, wl-copy, xclip, xsel or "
+                      "clip.exe) and the output is not a terminal; nothing was copied.")
 
     def cmd_image(self, arg: str) -> None:
         if not self.model.supports_images:
@@ -467,6 +462,8 @@ def run_repl(model: ChatModel, config: GenerationConfig, *, system: str | None =
     ui.header(model.name, model.info, config.max_length)
     if system:
         repl.cmd_system(system)
+    elif system == "" and model.supports_system:
+        repl.conv.system = ""
     if image is not None:
         repl.cmd_image(os.fspath(image))
     return repl.run()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from llmchat.errors import UsageError
@@ -101,9 +102,6 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 @dataclass
@@ -116,14 +114,71 @@ class ReplyStats:
     decode_s: float = 0.0  # time spent after the first token
     total_s: float = 0.0
     finish_reason: str = ""  # "stop" | "length" | "interrupted"
-    dropped_turns: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused, not recomputed
     peak_memory_bytes: int | None = None  # CUDA only
-    extra: dict[str, Any] = field(default_factory=dict)
+    decode_path: str = "eager"  # "eager" | "graph" (the captured CUDA decode step)
 
     @property
     def decode_tokens_per_s(self) -> float:
         n = self.completion_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+class Reply:
+    """What one generation returns: iterate it (once) for the text deltas as they stream.
+
+    When the stream ends, ``text`` is the finished reply (post-processed as upstream does),
+    ``stats`` its figures and ``done`` is True; callbacks given to ``on_done`` run then, so a
+    turn is recorded only once its reply has finished (as simonw/llm's ``Response`` does). A
+    stream stopped early (Ctrl-C, a client that went away) leaves ``done`` False.
+    """
+
+    def __init__(self, deltas: Callable[[Reply], Iterator[str]], stats: ReplyStats | None = None,
+                 *, dropped_turns: int = 0) -> None:
+        self.stats = stats or ReplyStats(finish_reason="interrupted")
+        self.dropped_turns = dropped_turns  # oldest turns left out to fit the context budget
+        self.done = False
+        self._parts: list[str] = []
+        self._text: str | None = None
+        self._callbacks: list[Callable[[Reply], None]] = []
+        self._deltas = deltas(self)
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            self._parts.append(delta)
+            yield delta
+        if not self.done:
+            self.done = True
+            for fn in self._callbacks:
+                fn(self)
+
+    def finish(self, text: str) -> None:
+        """Called by the producer with the final text, before the stream ends."""
+        self._text = text
+
+    @property
+    def text(self) -> str:
+        return self._text if self._text is not None else "".join(self._parts)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stats.finish_reason
+
+    def on_done(self, fn: Callable[[Reply], None]) -> Reply:
+        self._callbacks.append(fn)
+        return self
+
+    def consume(self) -> Reply:
+        """Run the stream to its end (non-streaming use)."""
+        for _ in self:
+            pass
+        return self
+
+    def close(self) -> None:
+        """Stop the generation now (it releases the model at once)."""
+        close = getattr(self._deltas, "close", None)
+        if close is not None:
+            close()
 
 
 def split_turns(

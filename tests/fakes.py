@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from llmchat.models.base import ChatModel, LoadInfo
-from llmchat.types import GenerationConfig, Message, ReplyStats
+from llmchat.types import GenerationConfig, Message, Reply, ReplyStats
 
 
 class FakeChatModel(ChatModel):
@@ -22,14 +22,12 @@ class FakeChatModel(ChatModel):
                  supports_images: bool = False, delay: float = 0.0,
                  default: Sequence[str] = ("OK",),
                  defaults: GenerationConfig | None = None) -> None:
-        self.name = name
-        self.supports_system = supports_system
-        self.supports_images = supports_images
+        super().__init__(name, defaults=defaults or GenerationConfig(),
+                         info=LoadInfo(path="/models/fake", device="cpu", dtype="float32",
+                                       quant=4),
+                         supports_system=supports_system, supports_images=supports_images)
         self.delay = delay  # seconds slept before each delta
         self.default = list(default)
-        self.defaults = defaults or GenerationConfig()
-        self.info = LoadInfo(path="/models/fake", device="cpu", dtype="float32", quant=4)
-        self.last_stats = ReplyStats()
         self.queue: deque[list[str | BaseException]] = deque()
         self.calls: list[tuple[list[Message], GenerationConfig]] = []
         self.completed = 0  # streams that ran to the end
@@ -39,12 +37,14 @@ class FakeChatModel(ChatModel):
             self.queue.append([r] if isinstance(r, str) else list(r))
         return self
 
-    def stream_chat(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[str]:
+    def generate(self, messages: Sequence[Message], config: GenerationConfig) -> Reply:
         self.calls.append((list(messages), config))
         deltas = self.queue.popleft() if self.queue else list(self.default)
         stats = ReplyStats(prompt_tokens=self.count_tokens(messages), finish_reason="stop",
                            ttft_s=0.25, decode_s=0.5, total_s=0.75)
-        self.last_stats = stats
+        return Reply(lambda reply: self._stream(deltas, stats), stats)
+
+    def _stream(self, deltas: list[str | BaseException], stats: ReplyStats) -> Iterator[str]:
         for d in deltas:
             if self.delay:
                 time.sleep(self.delay)

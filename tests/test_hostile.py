@@ -286,3 +286,11 @@ def test_truncated_file_own_message(tmp_path: Path, fmt: str) -> None:
     msg = str(info.value)
     assert msg.endswith("the file is truncated or corrupt; download it again"), msg
     assert "your checkpoint file is" not in msg
+
+
+def test_tokenizer_config_symlinked_to_dev_zero_refused(tmp_path: Path, glm2_dir: Path) -> None:
+    d = copy_ckpt(glm2_dir, tmp_path / "m")
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").symlink_to("/dev/zero")
+    line = load_limited(d)
+    assert "tokenizer_config.json" in line and "not a regular file" in line

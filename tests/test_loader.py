@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmchat.conversation import Conversation
 from llmchat.errors import (
     CheckpointError,
     ContextOverflowError,
@@ -223,14 +224,17 @@ def test_fit_drops_oldest_turns_and_overflow_is_an_error(glm2_dir: Path) -> None
     msgs.append(Message("user", "最后的问题"))
     cfg = m.defaults.with_(max_length=400, max_new_tokens=50)
     full = m.count_tokens(msgs)
-    kept, dropped = m.fit(msgs, cfg)
+    conv = Conversation(m, cfg)
+    kept, dropped = conv.fit(msgs[:-1], msgs[-1])
     assert full > 350 and dropped > 0
     assert kept[-1] == msgs[-1] and kept[0] == msgs[2 * dropped]
     assert m.count_tokens(kept) + 50 <= 400
+    # the fewest turns are dropped: one more would not fit
+    assert m.count_tokens(msgs[2 * dropped - 2:]) + 50 > 400
     reply = m.chat(kept, cfg.with_(temperature=0))
     assert isinstance(reply, str)
     with pytest.raises(ContextOverflowError, match="context budget"):
-        m.fit([Message("user", "长" * 500)], cfg)
+        conv.fit([], Message("user", "长" * 500))
     with pytest.raises(ContextOverflowError):
         m.chat([Message("user", "长" * 500)], cfg)
 
@@ -243,9 +247,10 @@ def test_stream_equals_chat_and_stats(glm2_dir: Path) -> None:
         Message("assistant", "你好！"),
         Message("user", "介绍一下你自己"),
     ]
-    streamed = list(m.stream_chat(msgs, cfg))
-    assert "".join(streamed) == m.chat(msgs, cfg) == m.last_stats.extra["reply"]
-    s = m.last_stats
+    out = m.generate(msgs, cfg)
+    streamed = list(out)
+    assert "".join(streamed) == m.chat(msgs, cfg) == out.text and out.done
+    s = out.stats
     assert s.completion_tokens == 24 and s.finish_reason == "length"
     assert s.prompt_tokens == m.count_tokens(msgs)
     sampled = m.defaults.with_(seed=7, max_new_tokens=12)
@@ -271,11 +276,11 @@ def test_cpu_auto_dtype_falls_back_to_bf16_when_fp32_does_not_fit(
 def test_chat_cache_starts_small_and_fit_respects_model_positions(glm2_dir: Path) -> None:
     m = load(model_path=glm2_dir, device="cpu", dtype="float32")
     cfg = m.defaults.with_(temperature=0, max_new_tokens=300)
-    reply = m.chat([Message("user", "你好")], cfg)
+    out = m.generate([Message("user", "你好")], cfg).consume()
     cache = m._cache
     # sized for this reply (17 prompt + 300 new), not for the 8192-token budget
-    assert cache is not None and cache.max_len == m.last_stats.prompt_tokens + 300
-    assert m.last_stats.completion_tokens == 300 and reply
+    assert cache is not None and cache.max_len == out.stats.prompt_tokens + 300
+    assert out.stats.completion_tokens == 300 and out.text
     # the tiny checkpoint has 512 positions (seq_length): a larger --max-length is capped
     assert m.context_budget(m.defaults) == 512
     msgs = []
@@ -284,5 +289,6 @@ def test_chat_cache_starts_small_and_fit_respects_model_positions(glm2_dir: Path
             Message("user", f"问题 {i} " + "很长的问题 " * 8),
             Message("assistant", "回答 " * 8),
         ]
-    kept, dropped = m.fit([*msgs, Message("user", "最后")], m.defaults.with_(max_new_tokens=20))
+    conv = Conversation(m, m.defaults.with_(max_new_tokens=20), turns=msgs)
+    kept, dropped = conv.fit(msgs, Message("user", "最后"))
     assert dropped > 0 and m.count_tokens(kept) + 20 <= 512

@@ -294,9 +294,9 @@ def test_bad_checkpoint_tensors_are_clear_errors() -> None:
 # -- end to end through the loader -----------------------------------------------------------------
 def chat(m: Any, text: str = "你好") -> tuple[str, int]:
     """The greedy reply and its token count (random weights may well reply with nothing)."""
-    reply = str(m.chat([Message("user", text)], m.defaults.with_(**GREEDY)))
-    assert m.last_stats.completion_tokens > 0
-    return reply, m.last_stats.completion_tokens
+    out = m.generate([Message("user", text)], m.defaults.with_(**GREEDY)).consume()
+    assert out.stats.completion_tokens > 0
+    return out.text, out.stats.completion_tokens
 
 
 def logits(m: Any, ids: tuple[int, ...]) -> torch.Tensor:

@@ -1,23 +1,10 @@
 """The ``ChatModel`` interface and the glue that turns any architecture module into one.
 
-Every ``llmchat/models/<arch>.py`` exports the same small contract (mlx-lm style):
-
-* ``Config`` — a dataclass with ``from_hf(config_json: dict) -> Config`` that renames the
-  checkpoint's keys and raises ``UnsupportedCheckpointError`` for settings it does not implement.
-* ``Model(config)`` — an ``nn.Module`` whose parameter names equal the checkpoint's key names
-  (after ``checkpoint_key``), with ``forward(input_ids (B, T), cache=None) -> logits (B, T, V)``
-  that advances the cache, ``make_cache(max_len, *, dtype, device) -> KVCache`` and
-  ``max_positions: int | None``. It registers no buffers: RoPE tables are computed on the fly,
-  so the model can be built on the meta device and loaded by assignment.
-* ``checkpoint_key(key) -> str | None`` — the parameter a checkpoint key loads into (None: drop).
-* ``QUANT_LINEARS`` — suffixes of the ``nn.Linear`` modules that ``--quant`` replaces.
-* ``load_tokenizer(model_dir) -> Tokenizer``
-* ``build_prompt(messages) -> str`` — the chat template as a pure function (golden-tested).
-* ``encode_messages(tokenizer, messages) -> list[int]`` — prompt ids, special tokens included.
-* ``postprocess(text) -> str`` and ``holdback(text) -> int`` — upstream response clean-up and
-  how many trailing characters it may still change while streaming.
-* ``stop_ids(tokenizer) -> frozenset[int]``, ``INVALID_FALLBACK_ID: int | None``,
-  ``SUPPORTS_SYSTEM: bool``.
+Every ``llmchat/models/<arch>.py`` exports the names of ``Arch`` below (mlx-lm style);
+``contract(module)`` collects them into one typed object and fails loudly when a required one
+is missing, so a fifth model cannot silently lose a hook. ``TransformerChatModel.generate``
+encodes the prompt, runs ``generate.generate_tokens`` over the model's KV cache and streams the
+detokenized, post-processed text as a ``Reply``.
 """
 
 from __future__ import annotations
@@ -25,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -38,14 +25,87 @@ from llmchat.errors import ContextOverflowError, ImageError, UsageError
 from llmchat.generate import generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
 from llmchat.tokenizer import StreamDecoder, Tokenizer
-from llmchat.types import GenerationConfig, Message, ReplyStats
+from llmchat.types import GenerationConfig, Message, Reply, ReplyStats
 
 if TYPE_CHECKING:
     from llmchat.registry import ModelSpec
 
-# Room kept for the reply when old turns are dropped to fit the context budget.
-REPLY_RESERVE = 256
 CACHE_ROUND = 256  # KV cache headroom over the prompt; beyond it the cache doubles on demand
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What an architecture module provides. Required names are upper-case constants or
+    functions of the module; the optional ones default to the values given here.
+
+    * ``Config.from_hf(config_json) -> Config``; ``Model(config)``: parameter names equal the
+      checkpoint's (after ``checkpoint_key``), ``forward(ids (B, T), cache=None, last_only=False)
+      -> logits`` advancing the cache, ``make_cache(max_len, *, dtype, device)``,
+      ``max_positions: int | None``; no buffers (built on the meta device, loaded by assignment).
+    * ``checkpoint_key(key) -> name | None`` (None: drop); ``QUANT_LINEARS``: suffixes of the
+      linears ``--quant`` replaces (``quant_skip(name)`` excludes some, e.g. a vision tower).
+    * ``load_tokenizer(dir)``, ``build_prompt(messages) -> str`` (golden-tested),
+      ``encode_messages(tok, messages) -> ids``, ``postprocess(text)``, ``holdback(text)`` (how
+      many trailing characters post-processing may still change), ``stop_ids(tok)``.
+    * ``INVALID_FALLBACK_ID`` / ``INVALID_CHECK_INF``: ChatGLM's nan/inf guard (None: none);
+      ``SUPPORTS_SYSTEM`` (``DEFAULT_SYSTEM`` when none is given); ``DROP_LAST_TOKEN_AT_LENGTH``
+      (Qwen's ``_decode_chatml`` quirk);
+      ``ChatModelClass`` where the glue needs more (VisualGLM's image splice).
+    * ``CAUSAL_PROMPT``: the prompt is causal, so the keys/values of a conversation's earlier
+      tokens do not change when it grows and are reused across turns (ChatGLM2, Qwen; not the
+      prefix-LM ChatGLM-6B/VisualGLM). ``Model.kv_reusable(cache, prompt_len)`` may refuse
+      (Qwen: only while the dynamic-NTK factor stays the same).
+    """
+
+    name: str
+    Config: Any
+    Model: Any
+    checkpoint_key: Callable[[str], str | None]
+    quant_linears: tuple[str, ...]
+    load_tokenizer: Callable[..., Any]
+    build_prompt: Callable[[Sequence[Message]], str]
+    encode_messages: Callable[[Any, Sequence[Message]], list[int]]
+    postprocess: Callable[[str], str]
+    holdback: Callable[[str], int]
+    stop_ids: Callable[[Any], frozenset[int]]
+    invalid_fallback_id: int | None
+    supports_system: bool
+    invalid_check_inf: bool = True
+    drop_last_token_at_length: bool = False
+    causal_prompt: bool = False
+    quant_skip: Callable[[str], bool] | None = None
+    default_system: str | None = None
+    chat_model_class: type[TransformerChatModel] | None = None
+
+
+_REQUIRED = {
+    "Config": "Config", "Model": "Model", "checkpoint_key": "checkpoint_key",
+    "quant_linears": "QUANT_LINEARS", "load_tokenizer": "load_tokenizer",
+    "build_prompt": "build_prompt", "encode_messages": "encode_messages",
+    "postprocess": "postprocess", "holdback": "holdback", "stop_ids": "stop_ids",
+    "invalid_fallback_id": "INVALID_FALLBACK_ID", "supports_system": "SUPPORTS_SYSTEM",
+}
+_OPTIONAL = {
+    "invalid_check_inf": "INVALID_CHECK_INF", "drop_last_token_at_length":
+    "DROP_LAST_TOKEN_AT_LENGTH", "quant_skip": "quant_skip", "chat_model_class": "ChatModelClass",
+    "default_system": "DEFAULT_SYSTEM", "causal_prompt": "CAUSAL_PROMPT",
+}
+
+
+def contract(module: ModuleType) -> Arch:
+    """The ``Arch`` of an architecture module; a missing required name is a ``TypeError``."""
+    cached = module.__dict__.get("_llmchat_arch")
+    if isinstance(cached, Arch):
+        return cached
+    missing = [n for n in _REQUIRED.values() if not hasattr(module, n)]
+    if missing:
+        raise TypeError(f"{module.__name__} does not implement the model contract: "
+                        f"missing {', '.join(missing)}")
+    fields_ = {k: getattr(module, n) for k, n in _REQUIRED.items()}
+    fields_ |= {k: getattr(module, n) for k, n in _OPTIONAL.items() if hasattr(module, n)}
+    arch = Arch(name=module.__name__.rsplit(".", 1)[-1], **fields_)
+    module._llmchat_arch = arch  # type: ignore[attr-defined]
+    return arch
 
 
 @dataclass
@@ -63,65 +123,46 @@ class LoadInfo:
 
 
 class ChatModel(ABC):
-    """A chat model: messages in, streamed reply text out."""
+    """A chat model: messages in, a streaming ``Reply`` out. It keeps no conversation state;
+    ``llmchat.conversation.Conversation`` owns the history, fitting and recording."""
 
-    name: str = "model"
-    supports_system: bool = False
-    supports_images: bool = False
-    defaults: GenerationConfig = GenerationConfig()
-    info: LoadInfo = LoadInfo()
-    last_stats: ReplyStats = ReplyStats()
+    def __init__(self, name: str, *, defaults: GenerationConfig, info: LoadInfo,
+                 supports_system: bool = False, supports_images: bool = False,
+                 default_system: str | None = None) -> None:
+        self.name = name
+        self.default_system = default_system  # applied when the conversation sets none
+        self.defaults = defaults
+        self.info = info
+        self.supports_system = supports_system
+        self.supports_images = supports_images
 
     @abstractmethod
+    def generate(self, messages: Sequence[Message], config: GenerationConfig) -> Reply:
+        """The assistant reply to ``messages`` (history + new user turn), not yet started:
+        iterate it for text deltas."""
+
     def stream_chat(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[str]:
-        """Yield text deltas of the assistant reply to ``messages`` (history + new user turn)."""
+        yield from self.generate(messages, config)
 
     def chat(self, messages: Sequence[Message], config: GenerationConfig) -> str:
-        return "".join(self.stream_chat(messages, config))
+        return self.generate(messages, config).consume().text
 
     def context_budget(self, config: GenerationConfig) -> int:
         """Tokens a prompt and its reply may use together."""
         return config.max_length
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        """Prompt length of ``messages`` in tokens (for the context meter)."""
+        """Prompt length of ``messages`` in tokens (for fitting and the context meter)."""
         return sum(len(m.content) for m in messages)
 
-    def fit(
-        self, messages: Sequence[Message], config: GenerationConfig
-    ) -> tuple[list[Message], int]:
-        """Drop the oldest turns until the prompt leaves room for a reply.
 
-        Returns the kept messages and the number of dropped user turns. The system message and
-        the newest user turn are always kept; if those alone do not fit, raise
-        ``ContextOverflowError``.
-        """
-        msgs = list(messages)
-        budget = self.context_budget(config)
-        reserve = min(config.max_new_tokens or REPLY_RESERVE, REPLY_RESERVE, budget // 2)
-        dropped = 0
-        while True:
-            n = self.count_tokens(msgs)
-            if n + reserve <= budget:
-                return msgs, dropped
-            first = next((i for i, m in enumerate(msgs) if m.role != "system"), None)
-            if first is None or first >= len(msgs) - 1:
-                if n < budget:  # only the newest turn left: use what room there is
-                    return msgs, dropped
-                raise ContextOverflowError(
-                    f"the message is {n} tokens and does not fit the context budget of "
-                    f"{budget} tokens (raise --max-length or shorten it)"
-                )
-            # Drop the oldest user message and everything up to the next user message.
-            end = first + 1
-            while end < len(msgs) - 1 and msgs[end].role != "user":
-                end += 1
-            carried = [m for m in msgs[first:end] if m.image is not None]
-            del msgs[first:end]
-            if carried and not any(m.image for m in msgs):  # keep the conversation's image
-                i = next(i for i, m in enumerate(msgs) if m.role == "user")
-                msgs[i] = Message("user", msgs[i].content, carried[-1].image)
-            dropped += 1
+def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
 
 
 class TransformerChatModel(ChatModel):
@@ -135,19 +176,20 @@ class TransformerChatModel(ChatModel):
         tokenizer: Tokenizer,
         info: LoadInfo,
     ) -> None:
+        self.arch = contract(module)
+        super().__init__(spec.name, defaults=spec.generation, info=info,
+                         supports_system=self.arch.supports_system,
+                         supports_images=spec.supports_images,
+                         default_system=self.arch.default_system)
         self.spec = spec
-        self.name = spec.name
         self.module = module
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
-        self.defaults = spec.generation
-        self.supports_system = bool(getattr(module, "SUPPORTS_SYSTEM", False))
-        self.supports_images = spec.supports_images
-        self.last_stats = ReplyStats()
         self._cache: KVCache | None = None
-        self._encoded: dict[tuple[Message, ...], list[int]] = {}
         self._decoder: StaticDecoder | None = None
+        # Token ids whose keys/values sit in the cache's first slots (causal prompts only).
+        self._kv_ids: list[int] = []
+        self.kv_reuse = self.arch.causal_prompt and os.environ.get("LLMCHAT_KV_REUSE", "1") != "0"
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -155,6 +197,12 @@ class TransformerChatModel(ChatModel):
             raise UsageError("the conversation must end with a user message")
         if not messages[-1].content.strip() and messages[-1].image is None:
             raise UsageError("empty message")
+        for m in messages:  # one rule for every tokenizer: text must be encodable Unicode
+            try:
+                m.content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UsageError(f"a {m.role} message is not valid Unicode text (character "
+                                 f"{exc.start})") from None
         if not self.supports_system and any(m.role == "system" for m in messages):
             raise UsageError(f"{self.name} has no system role; --system is not available")
         if not self.supports_images and any(m.image for m in messages):
@@ -166,30 +214,38 @@ class TransformerChatModel(ChatModel):
         return min(config.max_length, limit) if limit else config.max_length
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
-        """Prompt ids; memoised, since fit() and stream_chat() encode the same conversation."""
-        key = tuple(messages)
-        ids = self._encoded.get(key)
-        if ids is None:
-            if len(self._encoded) >= 16:
-                self._encoded.clear()
-            ids = self._encoded[key] = list(self.module.encode_messages(self.tokenizer, messages))
-        return list(ids)
+        """Prompt ids, special tokens included, exactly as upstream builds them."""
+        return list(self.arch.encode_messages(self.tokenizer, messages))
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
 
     # -- generation -----------------------------------------------------------------------
-    def _get_cache(self, prompt: int, total: int) -> KVCache:
-        """A cache for ``prompt`` tokens that may grow to ``total``: it starts at the prompt plus
-        ``CACHE_ROUND`` positions and doubles on demand, and is reused across replies."""
+    def _get_cache(self, ids: list[int], total: int) -> tuple[KVCache, int]:
+        """A cache for the prompt ``ids`` that may grow to ``total`` positions, and how many of
+        the prompt's first tokens it already holds (the longest common prefix with what the
+        last reply left there, when the prompt is causal). A new cache starts at the prompt
+        plus ``CACHE_ROUND`` positions and doubles on demand."""
+        prompt = len(ids)
         start = min(total, -(-(prompt + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
-        if self._cache is None or self._cache.max_len < start:
+        cache, kept = self._cache, 0
+        if cache is not None and self.kv_reuse and self._kv_ids:
+            kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
+            reusable = getattr(self.model, "kv_reusable", None)
+            if kept and reusable is not None and not reusable(cache, prompt):
+                kept = 0
+        if kept:
+            cache.offset = kept
+            cache.limit = max(total, cache.max_len)
+            return cache, kept
+        if cache is None or cache.max_len < start:
             self._decoder = None  # it holds the old buffers (and a graph over them)
             self._cache = None  # free the old buffers before allocating the new ones
-            self._cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
-        self._cache.reset()
-        self._cache.limit = max(total, self._cache.max_len)
-        return self._cache
+            cache = self._cache = self.model.make_cache(start, dtype=self.cache_dtype,
+                                                        device=self.device)
+        cache.reset()
+        cache.limit = max(total, cache.max_len)
+        return cache, 0
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
         """On CUDA, the captured one-token step for this cache (reused across replies while the
@@ -208,70 +264,89 @@ class TransformerChatModel(ChatModel):
     def cache_dtype(self) -> torch.dtype:
         return getattr(torch, self.info.dtype)
 
+    def _track(self, tokens: Iterator[int], ids: list[int], generated: list[int],
+               cache: KVCache) -> Iterator[int]:
+        """Pass ``tokens`` through, then remember which ids the cache holds keys/values for. A
+        stream closed at a token boundary leaves the cache consistent; an error mid-forward
+        (Ctrl-C) may not, so then nothing is kept."""
+        try:
+            for token in tokens:
+                generated.append(token)
+                yield token
+        except GeneratorExit:
+            self._kv_ids = [*ids, *generated][: cache.offset]
+            raise
+        self._kv_ids = [*ids, *generated][: cache.offset]
+
     def prefill_fn(self, messages: Sequence[Message]) -> Any:
         """Hook for the first forward (VisualGLM splices image embeddings here)."""
         return None
 
-    def stream_chat(self, messages: Sequence[Message], config: GenerationConfig) -> Iterator[str]:
+    def generate(self, messages: Sequence[Message], config: GenerationConfig) -> Reply:
         self.check_messages(messages)
-        stats = ReplyStats()
-        self.last_stats = stats
-        t0 = time.perf_counter()
         ids = self.encode(messages)
-        stats.prompt_tokens = len(ids)
-        if len(ids) >= config.max_length:
+        budget = self.context_budget(config)
+        if len(ids) >= budget:
             raise ContextOverflowError(
-                f"the prompt is {len(ids)} tokens, over the context budget of "
-                f"{config.max_length} (raise --max-length or shorten the conversation)"
+                f"the prompt is {len(ids)} tokens, over the context budget of {budget} "
+                "(raise --max-length or shorten the conversation)"
             )
-        max_new = config.max_length - len(ids)
+        max_new = budget - len(ids)
         if config.max_new_tokens is not None:
             max_new = min(max_new, config.max_new_tokens)
-        limit = getattr(self.model, "max_positions", None)
-        if limit is not None:
-            if len(ids) >= limit:
-                raise ContextOverflowError(
-                    f"the prompt is {len(ids)} tokens; the model has {limit} positions"
-                )
-            max_new = min(max_new, limit - len(ids))
-        cache = self._get_cache(len(ids), len(ids) + max_new)
+        prefill = self.prefill_fn(messages)
+        return Reply(lambda reply: self._stream(reply, ids, max_new, config, prefill),
+                     ReplyStats(prompt_tokens=len(ids), finish_reason="interrupted"))
+
+    def _stream(self, reply: Reply, ids: list[int], max_new: int, config: GenerationConfig,
+                prefill: Any) -> Iterator[str]:
+        stats = reply.stats
+        t0 = time.perf_counter()
+        cache, cached = self._get_cache(ids, len(ids) + max_new) if prefill is None else (
+            self._get_cache([], len(ids) + max_new))
+        stats.cached_tokens = cached
+        self._kv_ids = []  # until this reply leaves the cache consistent
         step = self.decode_step(cache)
-        stop = frozenset(self.module.stop_ids(self.tokenizer))
-        sample = make_sampler(
-            config,
-            eos_ids=sorted(stop),
-            invalid_fallback_id=getattr(self.module, "INVALID_FALLBACK_ID", None),
-            invalid_check_inf=getattr(self.module, "INVALID_CHECK_INF", True),
-            device=self.device,
-        )
-        decoder = StreamDecoder(self.tokenizer.decode, self.module.postprocess,
-                                self.module.holdback)
+        stats.decode_path = step.path if step is not None else "eager"
+        arch = self.arch
+        stop = frozenset(arch.stop_ids(self.tokenizer))
+        sample = make_sampler(config, eos_ids=sorted(stop),
+                              invalid_fallback_id=arch.invalid_fallback_id,
+                              invalid_check_inf=arch.invalid_check_inf, device=self.device)
+        decoder = StreamDecoder(self.tokenizer.decode, arch.postprocess, arch.holdback)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        stats.finish_reason = "interrupted"
-        t_first = None
-        for token in generate_tokens(
-            self.model, ids, cache, sample=sample, max_new_tokens=max_new, stop_ids=stop,
-            prefill=self.prefill_fn(messages), step=step,
-        ):
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
+        # Qwen's upstream _decode_chatml cuts the reply one token short when no end token was
+        # generated (see README, model notes): the newest token is pushed one step late, and
+        # dropped if the reply ends at the length limit.
+        pending: int | None = None
+        generated: list[int] = []
+        tokens = generate_tokens(self.model, ids, cache, sample=sample, max_new_tokens=max_new,
+                                 stop_ids=stop, prefill=prefill, step=step, cached=cached)
+        for token in self._track(tokens, ids, generated, cache):
+            if stats.completion_tokens == 0:
+                stats.ttft_s = time.perf_counter() - t0
             stats.completion_tokens += 1
+            if arch.drop_last_token_at_length:
+                token, pending = pending, token
+                if token is None:
+                    continue
             delta = decoder.push(token)
             stats.total_s = time.perf_counter() - t0
             stats.decode_s = stats.total_s - stats.ttft_s
             if delta:
                 yield delta
         stats.finish_reason = "length" if stats.completion_tokens >= max_new else "stop"
-        rest = decoder.flush()
+        tail = ""
+        if pending is not None and stats.finish_reason == "stop":
+            tail = decoder.push(pending)
+        rest = tail + decoder.flush()
         stats.total_s = time.perf_counter() - t0
-        if t_first is None:
+        if stats.completion_tokens == 0:
             stats.ttft_s = stats.total_s
         stats.decode_s = stats.total_s - stats.ttft_s
         if self.device.type == "cuda":
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
-        stats.extra["reply"] = decoder.final
-        stats.extra["decode_path"] = step.path if step is not None else "eager"
+        reply.finish(decoder.final)
         if rest:
             yield rest

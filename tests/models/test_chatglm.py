@@ -535,11 +535,12 @@ def test_loader_and_greedy_multi_turn_chat(glm_dir: Path, glm_chat: TransformerC
     config = cm.defaults.with_(**GREEDY)
     messages = [user("你好")]
     for q in ("介绍一下你自己", "谢谢"):
-        deltas = list(cm.stream_chat(messages, config))
-        reply = cm.last_stats.extra["reply"]
+        out = cm.generate(messages, config)
+        deltas = list(out)
+        reply = out.text
         assert "".join(deltas) == reply
         assert reply == greedy_reference(cm, messages, 8)
-        assert cm.last_stats.prompt_tokens == len(chatglm.encode_messages(cm.tokenizer, messages))
+        assert out.stats.prompt_tokens == len(chatglm.encode_messages(cm.tokenizer, messages))
         messages = [*messages, Message("assistant", reply), user(q)]
     assert build_prompt(messages).startswith("[Round 0]\n问：你好\n答：")
     assert cm.chat(messages, config) == greedy_reference(cm, messages, 8)

@@ -450,12 +450,37 @@ GREEDY = GenerationConfig(temperature=0, repetition_penalty=1.0, max_length=8192
 def test_generation_stops_at_stop_words(tok: qwen.QwenTokenizer, stop: int) -> None:
     reply = tok.encode("  Hi there!\n") + [stop] + tok.encode("LEAK") + [IM_END]
     chat = scripted_chat(tok, reply)
-    out = chat.chat([Message("system", "Be nice."), Message("user", "hello")], GREEDY)
-    assert out == "Hi there!"
-    assert chat.last_stats.finish_reason == "stop"
-    assert chat.last_stats.completion_tokens == len(tok.encode("  Hi there!\n"))
-    assert chat.last_stats.prompt_tokens == len(qwen.encode_messages(
+    r = chat.generate([Message("system", "Be nice."), Message("user", "hello")], GREEDY).consume()
+    assert r.text == "Hi there!"
+    assert r.stats.finish_reason == "stop"
+    assert r.stats.completion_tokens == len(tok.encode("  Hi there!\n"))
+    assert r.stats.prompt_tokens == len(qwen.encode_messages(
         tok, [Message("system", "Be nice."), Message("user", "hello")]))
+
+
+def test_reply_at_the_token_limit_loses_its_last_token_as_upstream(
+        tok: qwen.QwenTokenizer) -> None:
+    """Upstream _decode_chatml: no end token generated → ``tokens[:eod_token_idx]`` with the
+    loop index at the last token, so chat() returns (and keeps in history) one token less."""
+    from llmchat.conversation import Conversation
+
+    words = tok.encode(" one two three four five six")
+    chat = scripted_chat(tok, [*words, IM_END])
+    conv = Conversation(chat, GREEDY.with_(max_new_tokens=3))
+    first = conv.send("count")
+    deltas = list(first)
+    cut = tok.decode(words[:2]).strip()
+    assert first.finish_reason == "length" and first.stats.completion_tokens == 3
+    assert "".join(deltas) == first.text == cut != tok.decode(words[:3]).strip()
+    second = conv.send("more")
+    prompt = chat.encode(conv.messages + [Message("user", "more")])
+    list(second)
+    assert conv.turns[1] == Message("assistant", cut)
+    assert tok.decode(prompt).count(cut) == 1 and tok.decode(words[:3]).strip() not in tok.decode(
+        prompt)
+    # a reply that ends with its end token keeps every token
+    ended = scripted_chat(tok, [*words[:2], IM_END])
+    assert ended.chat([Message("user", "x")], GREEDY.with_(max_new_tokens=3)) == cut
 
 
 def test_stream_never_shows_partial_characters(tok: qwen.QwenTokenizer) -> None:
@@ -476,7 +501,8 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def greedy_reference(model: qwen.Model, tok: qwen.QwenTokenizer, msgs: list[Message],
                      n: int) -> str:
-    """Uncached full forward per step: the reply the cached glue must reproduce."""
+    """Uncached full forward per step: the reply the cached glue must reproduce. As upstream's
+    _decode_chatml, a reply with no end token within ``n`` loses its last token."""
     ids = qwen.encode_messages(tok, msgs)
     out: list[int] = []
     with torch.inference_mode():
@@ -485,6 +511,8 @@ def greedy_reference(model: qwen.Model, tok: qwen.QwenTokenizer, msgs: list[Mess
             if nxt in (IM_END, IM_START, EOT):
                 break
             out.append(nxt)
+        else:
+            out = out[:-1]
     return tok.decode(out).strip()
 
 
@@ -508,10 +536,11 @@ def test_load_and_multi_turn_chat(qwen_dir: Path, qwen_chat: TransformerChatMode
     msgs = [Message("system", "You are a pirate."), Message("user", "Where is the treasure?")]
     for follow_up in ("And the map?", "谢谢"):
         want = greedy_reference(chat.model, chat.tokenizer, msgs, 8)
-        deltas = list(chat.stream_chat(msgs, cfg))
+        out = chat.generate(msgs, cfg)
+        deltas = list(out)
         assert "".join(deltas) == want == chat.chat(msgs, cfg)
         assert "\ufffd" not in "".join(deltas[:-1])
-        assert chat.last_stats.prompt_tokens == len(qwen.encode_messages(chat.tokenizer, msgs))
+        assert out.stats.prompt_tokens == len(qwen.encode_messages(chat.tokenizer, msgs))
         msgs += [Message("assistant", want), Message("user", follow_up)]
     assert chat.count_tokens(msgs) > 40
 

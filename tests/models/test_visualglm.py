@@ -370,9 +370,10 @@ def manual_greedy(vg: visualglm.VisualGLMChatModel, msgs: list[Message], n: int)
 def test_chat_one_shot_and_multi_turn(vg: visualglm.VisualGLMChatModel, tmp_path: Path) -> None:
     pic, other = noise_image(tmp_path / "p.png", seed=3), noise_image(tmp_path / "q.png", seed=4)
     first = [Message("user", "这张图片里有什么？", str(pic))]
-    reply = vg.chat(first, GREEDY)
+    out = vg.generate(first, GREEDY).consume()
+    reply = out.text
     assert reply and reply == manual_greedy(vg, first, 6)
-    assert vg.last_stats.prompt_tokens == len(vg.encode(first))
+    assert out.stats.prompt_tokens == len(vg.encode(first))
 
     second = [*first, Message("assistant", reply), Message("user", "颜色呢？")]
     reply2 = vg.chat(second, GREEDY)
@@ -519,7 +520,7 @@ def test_repl_image_switch_keeps_text_history(vg: visualglm.VisualGLMChatModel,
     pic, other = noise_image(tmp_path / "p.png", seed=5), noise_image(tmp_path / "q.png", seed=6)
     lines = iter([f"/image {pic}", "这是什么？", f"/image {other}", "换了一张呢？"])
     seen: list[list[Message]] = []
-    real = vg.stream_chat
+    real = vg.generate
 
     def spy(messages, config):  # type: ignore[no-untyped-def]
         seen.append(list(messages))
@@ -531,12 +532,12 @@ def test_repl_image_switch_keeps_text_history(vg: visualglm.VisualGLMChatModel,
         except StopIteration:
             raise EOFError from None
 
-    vg.stream_chat = spy  # type: ignore[method-assign]
+    vg.generate = spy  # type: ignore[method-assign]
     try:
         code = run_repl(vg, GREEDY, read=read, console=Console(file=io.StringIO(), width=100),
                         history_file=tmp_path / "history")
     finally:
-        del vg.stream_chat
+        del vg.generate
     assert code == 0 and len(seen) == 2
     first, second = seen
     assert [m.image for m in first if m.role == "user"] == [str(pic.resolve())]
