@@ -135,11 +135,14 @@ def _later_glm(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> str 
 
 
 def read_tokenizer_config(path: Path) -> dict[str, Any]:
-    """``tokenizer_config.json`` of a checkpoint directory, or {} (it is optional)."""
-    try:
-        data = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """``tokenizer_config.json`` of a checkpoint directory, or {} (it is optional); read with
+    the same size cap and regular-file rule as every checkpoint JSON."""
+    from llmchat.safeio import MAX_CONFIG_BYTES, read_json
+
+    file = Path(path) / "tokenizer_config.json"
+    if not file.exists():
         return {}
+    data = read_json(file, max_bytes=MAX_CONFIG_BYTES, what="tokenizer_config.json")
     return data if isinstance(data, dict) else {}
 
 

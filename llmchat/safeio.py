@@ -45,7 +45,8 @@ def read_json(
             raise error(f"cannot read {what} ({path}): not a regular file")
         if st.st_size > max_bytes:
             raise error(
-                f"{what} ({path}) is {st.st_size:,} bytes; llmchat reads at most {max_bytes:,}"
+                f"cannot read {what} ({path}): {st.st_size:,} bytes, over the "
+                f"{max_bytes:,} llmchat reads"
             )
         chunks: list[bytes] = []
         left = max_bytes + 1  # a file growing while read is caught too
@@ -58,15 +59,15 @@ def read_json(
         os.close(fd)
     data = b"".join(chunks)
     if len(data) > max_bytes:
-        raise error(f"{what} ({path}) is over {max_bytes:,} bytes; llmchat reads at most that")
+        raise error(f"cannot read {what} ({path}): over the {max_bytes:,} bytes llmchat reads")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise error(f"{what} ({path}) is not UTF-8 text (byte {exc.start})") from None
+        raise error(f"cannot read {what} ({path}): not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise error(f"{what} ({path}) is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise error(f"cannot read {what} ({path}): invalid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
-        raise error(f"{what} ({path}) is nested too deeply to be a real {what}") from None
+        raise error(f"cannot read {what} ({path}): JSON nested too deeply") from None
 
 
 def inside(directory: Path, name: Any, *, what: str, error: type[LLMChatError] = CheckpointError,
