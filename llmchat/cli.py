@@ -480,6 +480,34 @@ def image(
 
 
 @app.command()
+@model_command
+def serve(
+    *,
+    host: Annotated[str, typer.Option(help="Address to bind (not loopback: use --api-key)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLMCHAT_API_KEY", help="Require Authorization: Bearer KEY"),
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(min=0, help="Requests that may wait for the model (more: 429)")
+    ] = None,
+    opts: RunOptions,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    opts.validate()
+    from llmchat.server import require_serve_deps
+    from llmchat.server import serve as run_server
+
+    require_serve_deps()
+    model = load_model(opts, default_model="chatglm2-6b")
+    run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
+               max_queue=max_queue)
+
+
+@app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
