@@ -349,7 +349,9 @@ def create_app(model: ChatModel, *, config: GenerationConfig | None = None,
         return wrapped
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model.name})
+        busy = engine.lock is not None and engine.lock.locked()
+        return JSONResponse({"status": "ok", "model": model.name, "busy": busy,
+                             "waiting": engine.waiting})
 
     async def list_models(request: Request) -> Response:
         check_auth(request)
