@@ -109,6 +109,13 @@ VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+ApiBaseOpt = Annotated[
+    str | None,
+    typer.Option("--api-base", help="Use an OpenAI-compatible server (e.g. llmchat serve) at URL"),
+]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="LLMCHAT_API_KEY", help="Key for --api-base")
+]
 
 
 @dataclass
@@ -124,6 +131,8 @@ class RunOptions:
     verbose: bool
     debug: bool
     system: str | None = None
+    api_base: str | None = None  # --api-base: a remote OpenAI-compatible server
+    api_key: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -238,6 +247,10 @@ def load_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 
 def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatModel:
+    if opts.api_base:
+        from llmchat.client import RemoteChatModel
+
+        return RemoteChatModel(opts.api_base, api_key=opts.api_key, model=opts.model)
     from llmchat.loader import load
 
     name = opts.model or (None if opts.model_path else default_model)
@@ -400,10 +413,12 @@ def ask(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
     ] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     opts: RunOptions,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     opts.validate()
     piped = read_stdin()
     parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
@@ -421,10 +436,12 @@ def chat(
         bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     opts: RunOptions,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     interactive(opts, plain=plain, stats=stats)
 
 

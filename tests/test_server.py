@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -391,3 +392,34 @@ def test_missing_extra_is_one_clear_line(model_dir: Path, monkeypatch: pytest.Mo
     assert res.exit_code == 2
     assert "pip install 'llmchat[serve]'" in res.output
     assert "Traceback" not in res.output
+
+
+# -- client mode: llmchat ask/chat --api-base ------------------------------------------------------
+def run_client(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LLMCHAT_API_KEY"}
+    return subprocess.run([sys.executable, "-m", "llmchat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+
+
+def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # noqa: ANN001
+    greedy_args = ["--api-base", server.base, "--temperature", "0", "--max-new-tokens", "8"]
+    res = run_client(["ask", *greedy_args, "你好"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == greedy(reference, [Message("user", "你好")], 8) + "\n"
+
+    res = run_client(["ask", *greedy_args, "--json", "hello"])
+    data = json.loads(res.stdout)
+    assert data["model"] == "chatglm2-6b"
+    assert data["reply"] == greedy(reference, [Message("user", "hello")], 8)
+    assert data["completion_tokens"] == 8 and data["finish_reason"] == "length"
+
+    res = run_client(["chat", *greedy_args], stdin="你好\n北京\n")
+    assert res.returncode == 0, res.stderr
+    first = greedy(reference, [Message("user", "你好")], 8)
+    second = greedy(reference, [Message("user", "你好"), Message("assistant", first),
+                                Message("user", "北京")], 8)
+    assert res.stdout == f"{first}\n{second}\n"
+
+    res = run_client(["ask", "--api-base", server.base, "-m", "gpt-4", "hi"])
+    assert res.returncode == 1 and "not found" in res.stderr and "Traceback" not in res.stderr
