@@ -29,7 +29,17 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel, contract
-from llmchat.registry import ModelSpec, detect, hub_cache_dir, resolve
+from llmchat.registry import (
+    ModelSpec,
+    cached_snapshot,
+    detect,
+    hub_cache_dir,
+    lookup,
+    read_tokenizer_config,
+    repo_for,
+    resolve,
+)
+from llmchat.threads import apply_threads
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -103,8 +113,10 @@ def resolve_dtype(
 
 
 # -- finding the checkpoint -----------------------------------------------------------------------
-def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
-    """The preset's directory in the standard Hugging Face cache, downloading it if allowed."""
+def hub_snapshot(spec: ModelSpec | str, *, download: bool = True) -> Path:
+    """A preset's (or a hub repository's) directory in the standard Hugging Face cache,
+    downloading it if allowed."""
+    repo = spec if isinstance(spec, str) else spec.hub_id
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - declared dependency
@@ -112,7 +124,7 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     offline = not download or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         path = snapshot_download(
-            spec.hub_id,
+            repo,
             allow_patterns=HUB_PATTERNS,
             local_files_only=offline,
             cache_dir=hub_cache_dir(),
@@ -120,14 +132,25 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     except Exception as exc:  # hub errors are many and version-dependent
         hint = "it is not in the local cache" if offline else f"download failed: {_short(exc)}"
         raise CheckpointError(
-            f"cannot get {spec.hub_id}: {hint}. Download it, or pass --model-path DIR"
+            f"cannot get {repo}: {hint}. Download it, or pass --model-path DIR"
         ) from None
     return Path(path)
 
 
 def find_checkpoint(
-    model: str | None, model_path: str | os.PathLike[str] | None, *, download: bool = True
+    model: str | None,
+    model_path: str | os.PathLike[str] | None,
+    *,
+    download: bool = True,
+    quant: int | str = 16,
 ) -> Path:
+    """The checkpoint directory for ``--model-path`` or ``--model NAME`` (with ``--quant``).
+
+    A preset with ``--quant N`` uses THUDM's official pre-quantized repository where there is one
+    (``chatglm2-6b --quant 4`` → THUDM/chatglm2-6b-int4, 3.9 GB instead of 12.5 GB); so does a
+    name like ``chatglm2-6b-int4``. Only when that repository is not cached but the fp16 one is,
+    the fp16 one is used and quantized as it loads (the same weights, no download).
+    """
     if model_path is not None:
         path = Path(model_path).expanduser()
         if not path.exists():
@@ -139,7 +162,19 @@ def find_checkpoint(
         raise UsageError("no model given: use --model NAME or --model-path DIR")
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()
-    return hub_snapshot(resolve(model), download=download)
+    spec, named_bits = lookup(model)
+    bits = parse_quant(quant)
+    if named_bits and bits not in (16, named_bits):
+        raise UsageError(
+            f"{model} is pre-quantized to int{named_bits}: use --quant {named_bits}, "
+            f"or --model {spec.name} --quant {bits}"
+        )
+    repo = repo_for(spec, named_bits or bits)
+    if repo != spec.hub_id and not named_bits and cached_snapshot(repo) is None:
+        base = cached_snapshot(spec.hub_id)
+        if base is not None:
+            return base
+    return hub_snapshot(repo, download=download)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -355,14 +390,20 @@ def load(
     dtype: str = "auto",
     progress: Progress | None = None,
     download: bool = True,
+    threads: int | None = None,
 ) -> ChatModel:
-    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``."""
+    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
+
+    ``threads``: torch's CPU thread count (default: the free physical cores, see
+    ``llmchat.threads``), set before anything runs and reported as ``info.extra["threads"]``.
+    """
     t0 = time.perf_counter()
     bits = parse_quant(quant)
+    n_threads = apply_threads(threads)
     dev = resolve_device(device)
-    path = find_checkpoint(model, model_path, download=download)
+    path = find_checkpoint(model, model_path, download=download, quant=bits)
     hf = read_config(path)
-    spec = detect(hf)
+    spec = detect(hf, read_tokenizer_config(path))
     if model and model_path is not None and not Path(model).is_dir():
         asked = resolve(model)
         if asked.name != spec.name:
@@ -398,6 +439,7 @@ def load(
         peak_rss_bytes=peak_rss_bytes(),
     )
     info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra["threads"] = n_threads
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
     ):

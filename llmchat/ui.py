@@ -255,7 +255,8 @@ class ChatUI:
             out.close()
 
     def stats(self, s: ReplyStats) -> None:
-        parts = [f"{s.prompt_tokens} prompt tokens", f"{s.completion_tokens} reply tokens",
+        cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+        parts = [f"{s.prompt_tokens} prompt tokens{cached}", f"{s.completion_tokens} reply tokens",
                  f"first token {s.ttft_s:.2f} s", f"{s.decode_tokens_per_s:.1f} tok/s"]
         if s.peak_memory_bytes:
             parts.append(f"peak GPU memory {_gib(s.peak_memory_bytes)}")

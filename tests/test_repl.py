@@ -330,7 +330,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(repl_mod.os, "replace", broken_replace)
-    _, out, _ = chat(FakeChatModel(), ["q", f"/save {file}"])
+    _, out, _ = chat(FakeChatModel(), ["q", f"/save {file}", "y"])  # y: replace it
     assert "Cannot save to" in out and "No space left on device" in out
     assert file.read_text(encoding="utf-8") == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temp file left
@@ -338,7 +338,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
-    ("{not json", "is not JSON"),
+    ("{not json", "is not valid JSON"),
     ('{"hello": 1}', "no 'messages' list"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "should be a user message"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "the last question has no answer"),

@@ -305,3 +305,4 @@ def stop_ids(tok: ChatGLM2Tokenizer) -> frozenset[int]:
 
 INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
 SUPPORTS_SYSTEM = False
+CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn

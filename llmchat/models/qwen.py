@@ -259,6 +259,13 @@ class Model(nn.Module):
             return None
         return cache.meta.get("ntk_alpha", 1.0)
 
+    def kv_reusable(self, cache: KVCache, prompt_len: int) -> bool:
+        """Cached keys carry the rotary factor of the prompt they were computed for: reuse
+        them only while a new prompt of ``prompt_len`` tokens gets the same NTK alpha."""
+        cfg = self.config
+        alpha = ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        return alpha == cache.meta.get("ntk_alpha", 1.0)
+
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
     ) -> Tensor:
@@ -430,6 +437,7 @@ def stop_ids(tok: QwenTokenizer) -> frozenset[int]:
 
 INVALID_FALLBACK_ID = None  # upstream has no nan/inf guard
 SUPPORTS_SYSTEM = True
+CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn
 # Upstream _decode_chatml cuts the reply's last token when no end token was generated (the
 # reply hit max_new_tokens); chat() shows and keeps that shorter reply, and so do we.
 DROP_LAST_TOKEN_AT_LENGTH = True
