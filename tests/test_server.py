@@ -423,3 +423,51 @@ def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # 
 
     res = run_client(["ask", "--api-base", server.base, "-m", "gpt-4", "hi"])
     assert res.returncode == 1 and "not found" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- in process (Starlette's TestClient, no sockets): Qwen's system role, the bind notice ----------
+def test_qwen_system_prompt_in_process(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from llmchat.server import create_app
+    from tests.ckpt_qwen import qwen_checkpoint
+
+    model = load(model_path=qwen_checkpoint(tmp_path / "qwen-7b-chat"), device="cpu",
+                 dtype="float32")
+    msgs = [Message("system", "你是一个诗人。"), Message("user", "写诗"),
+            Message("assistant", "好的"), Message("user", "再来一首")]
+    expected = greedy(model, msgs, 10)
+    default_system = greedy(model, [Message("user", "hi")], 6)
+    with TestClient(create_app(model)) as tc:
+        r = tc.post("/v1/chat/completions", json={
+            "model": "qwen", "messages": [m.to_dict() for m in msgs], "temperature": 0,
+            "max_tokens": 10})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        r = tc.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 6})
+        assert r.json()["choices"][0]["message"]["content"] == default_system
+        assert tc.get("/v1/models").json()["data"][0]["id"] == "qwen-7b-chat"
+
+
+def test_binding_beyond_loopback_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from llmchat import server as srv
+    from tests.fakes import FakeChatModel
+
+    ran: list[tuple[str, int]] = []
+
+    def fake_run(self: uvicorn.Server) -> None:
+        ran.append((self.config.host, self.config.port))
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
+    logs: list[str] = []
+    srv.serve(FakeChatModel(), host="0.0.0.0", port=9, log=logs.append)
+    assert ran == [("0.0.0.0", 9)]
+    assert any("without --api-key" in line for line in logs)
+    logs.clear()
+    srv.serve(FakeChatModel(), host="0.0.0.0", port=9, api_key="k", log=logs.append)
+    srv.serve(FakeChatModel(), port=9, log=logs.append)
+    assert not any("without --api-key" in line for line in logs)
