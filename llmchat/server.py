@@ -7,7 +7,7 @@ dependency. Both are the optional extra ``pip install 'llmchat[serve]'`` and are
 when the server starts.
 
 One generation runs at a time: an asyncio lock sits in front of the model and each reply is
-produced in a worker thread, which streams its deltas back to the event loop. ``max_queue``
+produced in one worker thread, which streams its deltas back to the event loop. ``max_queue``
 bounds how many requests may wait behind the running one (more get 429 with ``Retry-After``).
 A client that goes away mid-reply sets the generation's cancel flag; the worker sees it after
 the next delta and closes the ``Reply`` (from its own thread), which frees the model at once.
@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -227,6 +228,9 @@ class Engine:
         self.waiting = 0
         self.shutdown = threading.Event()
         self.active: set[Generation] = set()
+        # One long-lived thread runs every generation (as the CLI's one thread does): CUDA
+        # graphs and caches captured on the first reply are replayed from the same thread.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmchat-generate")
 
     def stop_all(self) -> None:
         self.shutdown.set()
@@ -264,7 +268,7 @@ class Engine:
 
         if self.shutdown.is_set():
             gen.cancel.set()
-        threading.Thread(target=work, name="llmchat-generate", daemon=True).start()
+        self.pool.submit(work)
         return gen
 
     def _run(self, gen: Generation, req: ChatRequest) -> None:
