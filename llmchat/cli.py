@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmchat.errors import LLMChatError, UsageError
+from llmchat.termsafe import visible
 from llmchat.types import GenerationConfig, parse_quant
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except LLMChatError as exc:
         if debug:
             raise
-        msg = " ".join(str(exc).split())  # always one line
+        msg = visible(" ".join(str(exc).split()))  # always one line, control characters shown
         err_console().print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
         code = ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.ERROR
         raise typer.Exit(code) from None
@@ -301,7 +302,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except Exception as exc:  # a bug or an unforeseen environment problem
         if debug:
             raise
-        msg = " ".join(str(exc).split())
+        msg = visible(" ".join(str(exc).split()))
         err_console().print(
             f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
             "(run with --debug for the traceback)"
@@ -351,9 +352,10 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             threads=opts.threads,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
-        err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
+        msg = visible(" ".join(str(w.message).split()))
+        err_console().print(f"[yellow]note:[/] {escape(msg)}")
     if "note" in model.info.extra:
-        err_console().print(f"[yellow]note:[/] {escape(str(model.info.extra['note']))}")
+        err_console().print(f"[yellow]note:[/] {escape(visible(str(model.info.extra['note'])))}")
     if opts.verbose:
         i = model.info
         err_console().print(
@@ -371,11 +373,17 @@ class Stdout:
 
     at_line_start = True
 
+    tty: bool | None = None
+
     @classmethod
     def write(cls, text: str) -> None:
+        """On a terminal control characters are shown escaped; a pipe gets the bytes as they
+        are."""
         if not text:
             return
-        sys.stdout.write(text)
+        if cls.tty is None:
+            cls.tty = sys.stdout.isatty()
+        sys.stdout.write(visible(text) if cls.tty else text)
         sys.stdout.flush()
         cls.at_line_start = text.endswith("\n")
 

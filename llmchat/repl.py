@@ -368,19 +368,25 @@ class Repl:
         if not self.messages or self.messages[-1].role != "assistant":
             self.ui.note("Nothing to copy yet.")
             return
-        cmd = clipboard_command()
-        if cmd is None:
-            self.ui.error("No clipboard tool found (pbcopy, wl-copy, xclip, xsel or clip.exe); "
-                          "nothing was copied.")
-            return
         text = self.messages[-1].content
-        data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
-        try:
-            subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.ui.error(f"{cmd[0]} failed: {exc}")
+        cmd = clipboard_command()
+        failed = ""
+        if cmd is not None:
+            data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
+            try:
+                subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                failed = f"{cmd[0]} failed: {exc}"
+            else:
+                self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+                return
+        # No tool (SSH, tmux, a bare console) or it failed: ask the terminal itself (OSC 52).
+        if self.ui.copy_osc52(text):
+            self.ui.note(f"Sent the last reply ({len(text)} characters) to the terminal's "
+                         "clipboard (OSC 52; some terminals need it enabled).")
             return
-        self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+        self.ui.error(failed or "No clipboard tool found (pbcopy, wl-copy, xclip, xsel or "
+                      "clip.exe) and the output is not a terminal; nothing was copied.")
 
     def cmd_image(self, arg: str) -> None:
         if not self.model.supports_images:
