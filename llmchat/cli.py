@@ -187,6 +187,16 @@ ThreadsOpt = Annotated[
         rich_help_panel="Model",
     ),
 ]
+ApiBaseOpt = Annotated[
+    str | None,
+    typer.Option("--api-base", help="Use an OpenAI-compatible server (e.g. llmchat serve) at URL",
+                 rich_help_panel="Model"),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="LLMCHAT_API_KEY", help="Key for --api-base",
+                 rich_help_panel="Model"),
+]
 
 
 @dataclass
@@ -203,6 +213,8 @@ class RunOptions:
     debug: bool
     system: str | None = None
     threads: int | None = None
+    api_base: str | None = None  # --api-base: a remote OpenAI-compatible server
+    api_key: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -318,6 +330,10 @@ def load_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 
 def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatModel:
+    if opts.api_base:
+        from llmchat.client import RemoteChatModel
+
+        return RemoteChatModel(opts.api_base, api_key=opts.api_key, model=opts.model)
     from llmchat.loader import load
 
     name = opts.model or (None if opts.model_path else default_model)
@@ -549,10 +565,12 @@ def ask(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
     ] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     opts: RunOptions,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     opts.validate()
     piped = read_stdin()
     parts = [p for p in ((piped or "").strip(), (question or "").strip()) if p]
@@ -570,10 +588,12 @@ def chat(
         bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     opts: RunOptions,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     interactive(opts, plain=plain, stats=stats)
 
 
@@ -626,6 +646,34 @@ def image(
         raise UsageError("empty question")
     else:
         one_shot(opts, question.strip(), as_json=as_json, image=path, default_model="visualglm-6b")
+
+
+@app.command()
+@model_command
+def serve(
+    *,
+    host: Annotated[str, typer.Option(help="Address to bind (not loopback: use --api-key)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLMCHAT_API_KEY", help="Require Authorization: Bearer KEY"),
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(min=0, help="Requests that may wait for the model (more: 429)")
+    ] = None,
+    opts: RunOptions,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    opts.validate()
+    from llmchat.server import require_serve_deps
+    from llmchat.server import serve as run_server
+
+    require_serve_deps()
+    model = load_model(opts, default_model="chatglm2-6b")
+    run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
+               max_queue=max_queue)
 
 
 @app.command()
