@@ -66,7 +66,7 @@ def read_json(
         raise error(f"cannot read {what} ({path}): not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise error(
-            f"cannot read {what} ({path}): invalid JSON ({exc.msg} at line {exc.lineno})"
+            f"cannot read {what} ({path}): it is not valid JSON ({exc.msg}, line {exc.lineno})"
         ) from None
     except RecursionError:
         raise error(f"cannot read {what} ({path}): JSON nested too deeply") from None
