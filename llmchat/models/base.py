@@ -173,6 +173,21 @@ class TransformerChatModel(ChatModel):
         self.tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._decoder: StaticDecoder | None = None
+        self.prefix: Any = None  # llmchat.ptuning.Prefix, in the cache dtype, or None
+
+    def set_prefix(self, directory: str | None) -> None:
+        """Load (or, with None, drop) a P-tuning prefix; the next reply uses it."""
+        if directory is None:
+            self.prefix = None
+            self.info.extra.pop("prefix", None)
+            return
+        from llmchat.ptuning import load_prefix
+
+        self.use_prefix(load_prefix(directory, self.module.__name__, self.model.config))
+
+    def use_prefix(self, prefix: Any) -> None:
+        self.prefix = prefix.to(self.cache_dtype, self.device)  # upstream casts it likewise
+        self.info.extra["prefix"] = f"{prefix.name} (P-tuning v2, {prefix.pre_seq_len} tokens)"
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -201,13 +216,19 @@ class TransformerChatModel(ChatModel):
     def _get_cache(self, prompt: int, total: int) -> KVCache:
         """A cache for ``prompt`` tokens that may grow to ``total``: it starts at the prompt plus
         ``CACHE_ROUND`` positions and doubles on demand, and is reused across replies."""
+        p = self.prefix.pre_seq_len if self.prefix is not None else 0
+        prompt, total = prompt + p, total + p  # the prefix takes the first cache slots
         start = min(total, -(-(prompt + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
         if self._cache is None or self._cache.max_len < start:
             self._decoder = None  # it holds the old buffers (and a graph over them)
             self._cache = None  # free the old buffers before allocating the new ones
             self._cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
-        self._cache.reset()
         self._cache.limit = max(total, self._cache.max_len)
+        if self.prefix is not None:
+            self._cache.set_prefix(self.prefix.k, self.prefix.v)
+        elif self._cache.prefix_len:
+            self._cache.set_prefix(None, None)
+        self._cache.reset()
         return self._cache
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
