@@ -109,6 +109,10 @@ VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+PtuningOpt = Annotated[
+    str | None,
+    typer.Option("--ptuning-checkpoint", help="P-tuning v2 prefix directory (ChatGLM-6B/ChatGLM2)"),
+]
 
 
 @dataclass
@@ -124,6 +128,7 @@ class RunOptions:
     verbose: bool
     debug: bool
     system: str | None = None
+    ptuning_checkpoint: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -160,6 +165,7 @@ SHARED_OPTIONS = [
         ("seed", SeedOpt, None),
         ("verbose", VerboseOpt, False),
         ("debug", DebugOpt, False),
+        ("ptuning_checkpoint", PtuningOpt, None),
     )
 ]
 
@@ -253,6 +259,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             device=opts.device,
             dtype=opts.dtype,
             progress=progress,
+            ptuning=opts.ptuning_checkpoint,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
         err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
@@ -266,6 +273,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
             f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]"
         )
+        if "prefix" in i.extra:
+            err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
     return model
 
 
