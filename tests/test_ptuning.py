@@ -308,11 +308,17 @@ def test_repl_prefix_switching(bases) -> None:
 
 
 def test_repl_prefix_command(bases) -> None:
+    from llmchat.loader import load
+    from tests.test_repl import chat
+
     a = write_prefix(bases["root"] / "cmd-a", GLM2_W, seed=3)
-    res = run_cli(["chat", "-p", str(bases["glm2"]), *CPU, *GREEDY],
-                  stdin=f"/prefix {a}\n你好\n/show\n/prefix off\n/prefix\n")
-    assert res.returncode == 0, res.stderr
-    assert "Traceback" not in res.stderr
+    m = load(model_path=bases["glm2"], device="cpu", dtype="float32")
+    code, out, _ = chat(m, ["/set max_new_tokens 4", f"/prefix {a}", "你好", "/show", "/prefix nowhere", "/prefix off",
+                            "/prefix", "/exit"])
+    assert code == 0
+    assert f"P-tuning prefix: {a}" in out.replace("\n", "")
+    assert "no such directory" in out and "No P-tuning prefix." in out
+    assert m.prefix is None
 
 
 @pytest.mark.parametrize("case,match", [
