@@ -371,3 +371,12 @@ def test_lightning_keys_and_unsupported_base(tmp_path) -> None:
         load_prefix(pre, "llmchat.models.qwen", cfg)
     with pytest.raises(LLMChatError, match="only"):
         load_prefix(pre, "llmchat.models.visualglm", cfg)
+
+
+def test_kv_reuse_with_prefix_equals_fresh_prefill(bases, monkeypatch) -> None:
+    """Multi-turn replies reuse the cached turns after the prefix; they equal fresh prefills."""
+    qs = ["你好", "what is 1+1?", "再见"]
+    pre = write_prefix(bases["root"] / "reuse", GLM2_W, seed=5)
+    reused = expected(bases["glm2"], qs, pre)
+    monkeypatch.setenv("LLMCHAT_KV_REUSE", "0")
+    assert expected(bases["glm2"], qs, pre) == reused
