@@ -92,7 +92,7 @@ def test_chatglm_prefix_matches_upstream_reference_tensors() -> None:
     for layout in ("encoder", *LAYOUTS):
         k, v = golden_prefix_kv(prefix, layout)
         out = run_golden(load_golden_ptuning()[0], k, v, steps)
-        errs[layout] = max((o - w).abs().max().item() for o, (_, w) in zip(out, steps))
+        errs[layout] = max((o - w).abs().max().item() for o, (_, w) in zip(out, steps, strict=True))
     best = min(errs, key=errs.get)
     assert errs[best] < 1e-5, errs
     print(errs)
@@ -313,8 +313,8 @@ def test_repl_prefix_command(bases) -> None:
 
     a = write_prefix(bases["root"] / "cmd-a", GLM2_W, seed=3)
     m = load(model_path=bases["glm2"], device="cpu", dtype="float32")
-    code, out, _ = chat(m, ["/set max_new_tokens 4", f"/prefix {a}", "你好", "/show", "/prefix nowhere", "/prefix off",
-                            "/prefix", "/exit"])
+    code, out, _ = chat(m, ["/set max_new_tokens 4", f"/prefix {a}", "你好", "/show",
+                            "/prefix nowhere", "/prefix off", "/prefix", "/exit"])
     assert code == 0
     assert f"P-tuning prefix: {a}" in out.replace("\n", "")
     assert "no such directory" in out and "No P-tuning prefix." in out
