@@ -135,14 +135,15 @@ def _later_glm(config: dict[str, Any], tokenizer_config: dict[str, Any]) -> str 
 
 
 def read_tokenizer_config(path: Path) -> dict[str, Any]:
-    """``tokenizer_config.json`` of a checkpoint directory, or {} (it is optional); read with
-    the same size cap and regular-file rule as every checkpoint JSON."""
+    """``tokenizer_config.json`` of a checkpoint directory, or {} (it is optional)."""
+    from llmchat.errors import TokenizerError
     from llmchat.safeio import MAX_CONFIG_BYTES, read_json
 
     file = Path(path) / "tokenizer_config.json"
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         return {}
-    data = read_json(file, max_bytes=MAX_CONFIG_BYTES, what="tokenizer_config.json")
+    data = read_json(file, max_bytes=MAX_CONFIG_BYTES, what="tokenizer_config.json",
+                     error=TokenizerError)  # size-capped, regular files only
     return data if isinstance(data, dict) else {}
 
 

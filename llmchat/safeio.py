@@ -46,7 +46,7 @@ def read_json(
         if st.st_size > max_bytes:
             raise error(
                 f"cannot read {what} ({path}): {st.st_size:,} bytes, over the "
-                f"{max_bytes:,} llmchat reads"
+                f"{max_bytes:,} bytes llmchat reads"
             )
         chunks: list[bytes] = []
         left = max_bytes + 1  # a file growing while read is caught too
@@ -65,7 +65,9 @@ def read_json(
     except UnicodeDecodeError as exc:
         raise error(f"cannot read {what} ({path}): not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise error(f"cannot read {what} ({path}): invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise error(
+            f"cannot read {what} ({path}): it is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from None
     except RecursionError:
         raise error(f"cannot read {what} ({path}): JSON nested too deeply") from None
 
@@ -81,7 +83,9 @@ def inside(directory: Path, name: Any, *, what: str, error: type[LLMChatError] =
         raise error(f"{what}: {name!r} is not a file name")
     posix, win = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or win.is_absolute() or win.drive or name.startswith(("/", "\\")):
-        raise error(f"{what}: {name!r} is an absolute path; llmchat reads files inside {directory} only")
+        raise error(
+            f"{what}: {name!r} is an absolute path; llmchat reads only files inside {directory}"
+        )
     if ".." in posix.parts or ".." in win.parts:
         raise error(f"{what}: {name!r} leaves the model directory ('..'); llmchat refuses it")
     return directory / name

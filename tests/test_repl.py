@@ -338,7 +338,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
-    ("{not json", "invalid JSON"),
+    ("{not json", "is not valid JSON"),
     ('{"hello": 1}', "no 'messages' list"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "should be a user message"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "the last question has no answer"),

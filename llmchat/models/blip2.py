@@ -41,7 +41,9 @@ def _unsupported(what: str) -> UnsupportedCheckpointError:
 def _check(d: dict[str, Any], ranges: dict[str, Range], where: str, keys: tuple[str, ...]) -> None:
     for key in keys:
         if key not in d:
-            raise UnsupportedCheckpointError(f"VisualGLM config.json: {where} incomplete (no {key!r})")
+            raise UnsupportedCheckpointError(
+                f"VisualGLM config.json: {where} incomplete (no {key!r})"
+            )
     check_values(d, ranges, "VisualGLM", f"{where}.")
 
 

@@ -157,8 +157,8 @@ class Config:
         require(cfg.intermediate_size % 2 == 0, "Qwen",
                 f"intermediate_size {cfg.intermediate_size} must be even")
         require(cfg.vocab_size >= SPECIAL_START_ID + len(SPECIAL_TOKENS), "Qwen",
-                f"vocab_size {cfg.vocab_size} must hold the {SPECIAL_START_ID + len(SPECIAL_TOKENS)}"
-                " tokenizer ids")
+                f"vocab_size {cfg.vocab_size} must hold the "
+                f"{SPECIAL_START_ID + len(SPECIAL_TOKENS)} tokenizer ids")
         return cfg
 
     def layer_counts(self) -> dict[str, tuple[str, int]]:
