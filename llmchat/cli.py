@@ -197,6 +197,11 @@ ApiKeyOpt = Annotated[
     typer.Option("--api-key", envvar="LLMCHAT_API_KEY", help="Key for --api-base",
                  rich_help_panel="Model"),
 ]
+PtuningOpt = Annotated[
+    str | None,
+    typer.Option("--ptuning-checkpoint", help="P-tuning v2 prefix directory (ChatGLM-6B/ChatGLM2)",
+                 rich_help_panel="Model"),
+]
 
 
 @dataclass
@@ -215,6 +220,7 @@ class RunOptions:
     threads: int | None = None
     api_base: str | None = None  # --api-base: a remote OpenAI-compatible server
     api_key: str | None = None
+    ptuning_checkpoint: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -252,6 +258,7 @@ SHARED_OPTIONS = [
         ("seed", SeedOpt, None),
         ("verbose", VerboseOpt, False),
         ("debug", DebugOpt, False),
+        ("ptuning_checkpoint", PtuningOpt, None),
     )
 ]
 
@@ -349,6 +356,7 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             device=opts.device,
             dtype=opts.dtype,
             progress=progress,
+            ptuning=opts.ptuning_checkpoint,
             threads=opts.threads,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
@@ -364,6 +372,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
             f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB, {i.extra.get('threads')} threads[/]"
         )
+        if "prefix" in i.extra:
+            err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
     return model
 
 

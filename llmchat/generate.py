@@ -127,7 +127,7 @@ def generate_tokens(
     seen[: len(prompt)] = ids[0]
     n = len(prompt)
     if cached:
-        assert prefill is None and cache.offset == cached < len(prompt)
+        assert prefill is None and cache.offset - cache.prefix_len == cached < len(prompt)
     first = prefill(ids, cache) if prefill else model(ids[:, cached:], cache, last_only=True)
     logits = first[0, -1].float()
     if not bool(torch.isfinite(logits).all()):  # one check, at the first step only

@@ -468,6 +468,7 @@ def load(
     dtype: str = "auto",
     progress: Progress | None = None,
     download: bool = True,
+    ptuning: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> ChatModel:
     """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
@@ -489,6 +490,11 @@ def load(
     module = importlib.import_module(spec.module)
     contract(module)  # a module missing part of the model contract fails here, loudly
     cfg = module.Config.from_hf(hf)
+    prefix = None
+    if ptuning is not None:  # fail on a bad prefix before the (slow) weight load
+        from llmchat.ptuning import load_prefix
+
+        prefix = load_prefix(ptuning, spec.module, cfg)
     tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
     listed = checkpoint_keys(path, files)
@@ -529,4 +535,7 @@ def load(
             "running in bfloat16 (pass --dtype float32 to insist)"
         )
     chat_cls = contract(module).chat_model_class or TransformerChatModel
-    return chat_cls(spec, module, net, tokenizer, info)
+    chat = chat_cls(spec, module, net, tokenizer, info)
+    if prefix is not None:
+        chat.use_prefix(prefix)
+    return chat

@@ -309,6 +309,26 @@ class Repl:
         except (LLMChatError, ValueError):
             used = None
         self.ui.settings(self.model.name, self.model.info, self.config, used)
+        prefix = self.model.info.extra.get("prefix")
+        self.ui.note(f"P-tuning prefix: {prefix}" if prefix else "P-tuning prefix: none")
+
+    def cmd_prefix(self, arg: str) -> None:
+        set_prefix = getattr(self.model, "set_prefix", None)
+        if set_prefix is None:
+            self.ui.error(f"{self.model.name} does not take P-tuning prefixes.")
+            return
+        if not arg:
+            prefix = self.model.info.extra.get("prefix")
+            self.ui.note(f"P-tuning prefix: {prefix}" if prefix else "No P-tuning prefix.")
+            return
+        try:
+            set_prefix(None if arg.lower() == "off" else arg)
+        except LLMChatError as exc:
+            self.ui.error(str(exc))
+            return
+        prefix = self.model.info.extra.get("prefix")
+        self.ui.note(f"P-tuning prefix: {prefix} (history kept)" if prefix
+                     else "P-tuning prefix off (history kept).")
 
     def cmd_stats(self, arg: str) -> None:
         self.show_stats = not self.show_stats
@@ -424,6 +444,8 @@ COMMANDS: dict[str, Command] = {
     "/retry": Command(Repl.cmd_retry, "/retry", "edit the last question and ask again"),
     "/system": Command(Repl.cmd_system, "/system [TEXT]", "show or set the system prompt"),
     "/set": Command(Repl.cmd_set, "/set KEY VALUE", "change a setting: " + ", ".join(SETTINGS)),
+    "/prefix": Command(Repl.cmd_prefix, "/prefix DIR|off",
+                       "load, switch or drop a P-tuning prefix"),
     "/show": Command(Repl.cmd_show, "/show", "model, settings and context used"),
     "/stats": Command(Repl.cmd_stats, "/stats", "toggle speed and token figures after replies"),
     "/save": Command(Repl.cmd_save, "/save [FILE]", "save the conversation as JSON"),

@@ -190,6 +190,23 @@ class TransformerChatModel(ChatModel):
         # Token ids whose keys/values sit in the cache's first slots (causal prompts only).
         self._kv_ids: list[int] = []
         self.kv_reuse = self.arch.causal_prompt and os.environ.get("LLMCHAT_KV_REUSE", "1") != "0"
+        self.prefix: Any = None  # llmchat.ptuning.Prefix, in the cache dtype, or None
+
+    def set_prefix(self, directory: str | None) -> None:
+        """Load (or, with None, drop) a P-tuning prefix; the next reply uses it."""
+        if directory is None:
+            self.prefix = None
+            self.info.extra.pop("prefix", None)
+            self._kv_ids = []  # the cache holds keys/values computed next to the old prefix
+            return
+        from llmchat.ptuning import load_prefix
+
+        self.use_prefix(load_prefix(directory, self.module.__name__, self.model.config))
+
+    def use_prefix(self, prefix: Any) -> None:
+        self.prefix = prefix.to(self.cache_dtype, self.device)  # upstream casts it likewise
+        self.info.extra["prefix"] = f"{prefix.name} (P-tuning v2, {prefix.pre_seq_len} tokens)"
+        self._kv_ids = []
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -227,7 +244,9 @@ class TransformerChatModel(ChatModel):
         last reply left there, when the prompt is causal). A new cache starts at the prompt
         plus ``CACHE_ROUND`` positions and doubles on demand."""
         prompt = len(ids)
-        start = min(total, -(-(prompt + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
+        p = self.prefix.pre_seq_len if self.prefix is not None else 0
+        total += p  # the prefix takes the first cache slots (positions do not count it)
+        start = min(total, -(-(prompt + p + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
         cache, kept = self._cache, 0
         if cache is not None and self.kv_reuse and self._kv_ids:
             kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
@@ -235,7 +254,7 @@ class TransformerChatModel(ChatModel):
             if kept and reusable is not None and not reusable(cache, prompt):
                 kept = 0
         if kept:
-            cache.offset = kept
+            cache.offset = cache.prefix_len + kept
             cache.limit = max(total, cache.max_len)
             return cache, kept
         if cache is None or cache.max_len < start:
@@ -243,8 +262,12 @@ class TransformerChatModel(ChatModel):
             self._cache = None  # free the old buffers before allocating the new ones
             cache = self._cache = self.model.make_cache(start, dtype=self.cache_dtype,
                                                         device=self.device)
-        cache.reset()
         cache.limit = max(total, cache.max_len)
+        if self.prefix is not None:
+            cache.set_prefix(self.prefix.k, self.prefix.v)
+        elif cache.prefix_len:
+            cache.set_prefix(None, None)
+        cache.reset()
         return cache, 0
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
@@ -274,9 +297,9 @@ class TransformerChatModel(ChatModel):
                 generated.append(token)
                 yield token
         except GeneratorExit:
-            self._kv_ids = [*ids, *generated][: cache.offset]
+            self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
             raise
-        self._kv_ids = [*ids, *generated][: cache.offset]
+        self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
 
     def prefill_fn(self, messages: Sequence[Message]) -> Any:
         """Hook for the first forward (VisualGLM splices image embeddings here)."""

@@ -163,7 +163,8 @@ def glm_positions(
     b, t = input_ids.shape
     dev = input_ids.device
     ar = torch.arange(t, device=dev)
-    if cache is None or cache.offset == 0:
+    prefix = cache.prefix_len if cache is not None else 0  # P-tuning prefix slots
+    if cache is None or cache.offset == prefix:
         has_g = (input_ids == cfg.gmask_token_id).any(dim=1)
         mark = torch.where(
             has_g[:, None], input_ids == cfg.gmask_token_id, input_ids == cfg.mask_token_id
@@ -182,7 +183,9 @@ def glm_positions(
             cache.meta["glm_prefilled"] = True
             cache.set_state("mask_position", mask_pos)
             cache.set_state("block_position", block[:, -1])
-        return pos, block, masked[:, None]  # mask (B, 1, T, T)
+        if prefix:  # the prefix columns come first and are always visible (upstream :960-964)
+            masked = F.pad(masked.expand(b, t, t), (prefix, 0), value=False)
+        return pos, block, masked[:, None]  # mask (B, 1, T, P + T)
     if not cache.meta.get("glm_prefilled"):
         raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
     mask_pos, last = cache.state["mask_position"], cache.state["block_position"]

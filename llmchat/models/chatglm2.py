@@ -224,8 +224,9 @@ class Model(nn.Module):
                        dtype=dtype, device=device)
 
     def static_key(self, cache: KVCache) -> object | None:
-        """Decode steps depend on no per-sequence Python state: always capturable."""
-        return 0
+        """Decode steps depend on no per-sequence Python state but the prefix length (positions
+        subtract it): capturable, once per prefix length."""
+        return cache.prefix_len
 
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
