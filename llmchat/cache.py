@@ -39,6 +39,7 @@ class KVCache:
         self.max_len = max_len
         self.limit: int | None = None  # growth cap (positions); None: never grow
         self.offset = 0
+        self.prefix_len = 0  # P-tuning prefix keys/values held in slots [0, P) (set_prefix)
         self.static = False
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
         # Per-sequence facts a model derives at prefill and reuses when decoding
@@ -59,8 +60,23 @@ class KVCache:
         return self.k.dtype
 
     def reset(self) -> None:
-        self.offset = 0
+        self.offset = self.prefix_len  # the prefix slots stay written across sequences
         self.meta.clear()
+
+    def set_prefix(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """Hold a P-tuning prefix, keys/values (layers, H_kv, P, D), in the first P slots (None:
+        no prefix) and reset. Positions stay those of the token index: ``positions`` and the
+        models subtract ``prefix_len``."""
+        self.prefix_len = 0
+        self.offset = 0
+        if k is not None and v is not None:
+            p = k.shape[2]
+            if p > self.max_len:
+                self.grow(p)
+            self.k[:, :, :, :p] = k[:, None].to(self.k.dtype)
+            self.v[:, :, :, :p] = v[:, None].to(self.v.dtype)
+            self.prefix_len = p
+        self.reset()
 
     def set_state(self, key: str, value: torch.Tensor) -> torch.Tensor:
         """Store ``value`` in the persistent state tensor ``key`` (in place when it fits)."""
@@ -74,8 +90,9 @@ class KVCache:
     def positions(self, t: int) -> torch.Tensor:
         """Absolute positions of the next ``t`` tokens, shape (T,)."""
         if self.static:
-            return self.pos.view(1)
-        return torch.arange(self.offset, self.offset + t, device=self.device)
+            return self.pos.view(1) - self.prefix_len
+        start = self.offset - self.prefix_len
+        return torch.arange(start, start + t, device=self.device)
 
     def valid_mask(self) -> torch.Tensor:
         """(1, 1, 1, max_len) bool, True for the keys a static step may attend to."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmchat.errors import LLMChatError, UsageError
+from llmchat.termsafe import visible
 from llmchat.types import GenerationConfig, parse_quant
 
 if TYPE_CHECKING:
@@ -50,6 +52,26 @@ app = typer.Typer(
 )
 
 
+def version_callback(value: bool) -> None:
+    if value:
+        from llmchat import __version__
+
+        print(f"llmchat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version"
+        ),
+    ] = False,
+) -> None:
+    """Chat locally with ChatGLM-6B, ChatGLM2-6B, VisualGLM-6B and Qwen-7B-Chat."""
+
+
 def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -61,54 +83,125 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Model name (see `llmchat models`); downloaded to the HF cache on first use.",
+        rich_help_panel="Model",
     ),
 ]
 PathOpt = Annotated[
     str | None,
     typer.Option(
-        "--model-path", "-p", help="Local checkpoint directory (config.json, weights, tokenizer)."
+        "--model-path",
+        "-p",
+        help="Local checkpoint directory (config.json, weights, tokenizer).",
+        rich_help_panel="Model",
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N", rich_help_panel="Model")]
 DtypeOpt = Annotated[
     str,
     typer.Option(
         help="auto | float32 | float16 | bfloat16 (auto: the model's GPU dtype on CUDA; "
-        "float32 on CPU, bfloat16 with --quant 8/4)"
+        "float32 on CPU, bfloat16 with --quant 8/4)",
+        rich_help_panel="Model",
     ),
 ]
 QuantOpt = Annotated[
-    str, typer.Option("--quant", "-q", help="16 | 8 | 4 (aliases fp16, int8, int4)")
+    str,
+    typer.Option(
+        "--quant",
+        "-q",
+        rich_help_panel="Model",
+        help="16 | 8 | 4 (aliases fp16, int8, int4); 16 = the floating-point weights as stored "
+        "(a pre-quantized checkpoint loads as it is)",
+    ),
 ]
 TempOpt = Annotated[
-    float | None, typer.Option("--temperature", "-t", help="0 = greedy (default: the model's)")
+    float | None,
+    typer.Option(
+        "--temperature",
+        "-t",
+        help="0 = greedy (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 TopPOpt = Annotated[
-    float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: the model's)")
+    float | None,
+    typer.Option(
+        "--top-p", help="Nucleus sampling mass (default: the model's)", rich_help_panel="Generation"
+    ),
 ]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="0 disables (default: the model's)")]
+TopKOpt = Annotated[
+    int | None,
+    typer.Option("--top-k", help="0 disables (default: the model's)", rich_help_panel="Generation"),
+]
 RepOpt = Annotated[
-    float | None, typer.Option("--repetition-penalty", help="[default: the model's]")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="Divide the scores of tokens already in the prompt or reply by this (> 1 "
+        "discourages repeats; transformers' semantics) (default: the model's)",
+        rich_help_panel="Generation",
+    ),
 ]
 MaxNewOpt = Annotated[
-    int | None, typer.Option("--max-new-tokens", "-n", help="Cap on the reply length")
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "-n", help="Cap on the reply length", rich_help_panel="Generation"
+    ),
 ]
 MaxLenOpt = Annotated[
     int | None,
     typer.Option(
         "--max-length",
         help="Total context budget in tokens (prompt + reply) (default: the model's)",
+        rich_help_panel="Generation",
     ),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", help="Seed for reproducible sampling", rich_help_panel="Generation"),
+]
 SystemOpt = Annotated[
     str | None,
-    typer.Option("--system", "-s", help="System prompt (models with a system role: Qwen)"),
+    typer.Option(
+        "--system",
+        "-s",
+        help="System prompt (models with a system role: Qwen)",
+        rich_help_panel="Generation",
+    ),
 ]
 VerboseOpt = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Load and speed figures on stderr")
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Load and speed figures on stderr", rich_help_panel="Output"
+    ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks", rich_help_panel="Output")
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads (default: the physical cores that are free)",
+        rich_help_panel="Model",
+    ),
+]
+ApiBaseOpt = Annotated[
+    str | None,
+    typer.Option("--api-base", help="Use an OpenAI-compatible server (e.g. llmchat serve) at URL",
+                 rich_help_panel="Model"),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="LLMCHAT_API_KEY", help="Key for --api-base",
+                 rich_help_panel="Model"),
+]
+PtuningOpt = Annotated[
+    str | None,
+    typer.Option("--ptuning-checkpoint", help="P-tuning v2 prefix directory (ChatGLM-6B/ChatGLM2)",
+                 rich_help_panel="Model"),
+]
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not write this run to the log")]
 ContinueOpt = Annotated[
     bool, typer.Option("--continue", "-c", help="Continue the most recent logged conversation")
@@ -132,6 +225,10 @@ class RunOptions:
     log: bool = True
     cid: str | None = None  # the logged conversation to continue
     history: list[Any] | None = None  # its turns (Messages)
+    threads: int | None = None
+    api_base: str | None = None  # --api-base: a remote OpenAI-compatible server
+    api_key: str | None = None
+    ptuning_checkpoint: str | None = None
 
     def validate(self) -> None:
         """Check every option before the (slow) model load."""
@@ -159,6 +256,7 @@ SHARED_OPTIONS = [
         ("device", DeviceOpt, "auto"),
         ("dtype", DtypeOpt, "auto"),
         ("quant", QuantOpt, "16"),
+        ("threads", ThreadsOpt, None),
         ("temperature", TempOpt, None),
         ("top_p", TopPOpt, None),
         ("top_k", TopKOpt, None),
@@ -168,6 +266,7 @@ SHARED_OPTIONS = [
         ("seed", SeedOpt, None),
         ("verbose", VerboseOpt, False),
         ("debug", DebugOpt, False),
+        ("ptuning_checkpoint", PtuningOpt, None),
     )
 ]
 
@@ -201,7 +300,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except LLMChatError as exc:
         if debug:
             raise
-        msg = " ".join(str(exc).split())  # always one line
+        msg = visible(" ".join(str(exc).split()))  # always one line, control characters shown
         err_console().print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
         code = ExitCode.USAGE if isinstance(exc, UsageError) else ExitCode.ERROR
         raise typer.Exit(code) from None
@@ -212,13 +311,13 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
         err_console().print("[dim]interrupted[/]")
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
-        raise typer.Exit(ExitCode.SUCCESS) from None
+        raise
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug or an unforeseen environment problem
         if debug:
             raise
-        msg = " ".join(str(exc).split())
+        msg = visible(" ".join(str(exc).split()))
         err_console().print(
             f"[bold red]error:[/] {type(exc).__name__}: {escape(msg)} "
             "(run with --debug for the traceback)"
@@ -246,6 +345,10 @@ def load_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 
 def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatModel:
+    if opts.api_base:
+        from llmchat.client import RemoteChatModel
+
+        return RemoteChatModel(opts.api_base, api_key=opts.api_key, model=opts.model)
     from llmchat.loader import load
 
     name = opts.model or (None if opts.model_path else default_model)
@@ -261,19 +364,24 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             device=opts.device,
             dtype=opts.dtype,
             progress=progress,
+            ptuning=opts.ptuning_checkpoint,
+            threads=opts.threads,
         )
     for w in seen:  # library warnings (e.g. a quantization fallback) as one-line notes
-        err_console().print(f"[yellow]note:[/] {escape(' '.join(str(w.message).split()))}")
+        msg = visible(" ".join(str(w.message).split()))
+        err_console().print(f"[yellow]note:[/] {escape(msg)}")
     if "note" in model.info.extra:
-        err_console().print(f"[yellow]note:[/] {escape(str(model.info.extra['note']))}")
+        err_console().print(f"[yellow]note:[/] {escape(visible(str(model.info.extra['note'])))}")
     if opts.verbose:
         i = model.info
         err_console().print(
             f"[dim]{model.name} from {i.path}: {i.device}, {i.dtype}, quant {i.quant}"
             f"{' (' + str(i.extra['quant_backend']) + ')' if 'quant_backend' in i.extra else ''}, "
             f"{i.weight_bytes / 2**30:.2f} GiB weights, loaded in {i.load_s:.1f} s, "
-            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB[/]"
+            f"peak RSS {i.peak_rss_bytes / 2**30:.2f} GiB, {i.extra.get('threads')} threads[/]"
         )
+        if "prefix" in i.extra:
+            err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
     return model
 
 
@@ -283,11 +391,17 @@ class Stdout:
 
     at_line_start = True
 
+    tty: bool | None = None
+
     @classmethod
     def write(cls, text: str) -> None:
+        """On a terminal control characters are shown escaped; a pipe gets the bytes as they
+        are."""
         if not text:
             return
-        sys.stdout.write(text)
+        if cls.tty is None:
+            cls.tty = sys.stdout.isatty()
+        sys.stdout.write(visible(text) if cls.tty else text)
         sys.stdout.flush()
         cls.at_line_start = text.endswith("\n")
 
@@ -386,8 +500,9 @@ def resume(opts: RunOptions, cont: bool, cid: str | None) -> None:
     opts.history = history
 
 
-def run_turn(conv: Conversation, question: str, *, image: str | None = None, stream: bool,
-             verbose: bool) -> Reply:
+def run_turn(
+    conv: Conversation, question: str, *, image: str | None = None, stream: bool, verbose: bool
+) -> Reply:
     """One turn: notes on stderr, the reply streamed to stdout (or not), figures after it."""
     reply = conv.send(question, image=image)
     if reply.dropped_turns:
@@ -407,17 +522,62 @@ def run_turn(conv: Conversation, question: str, *, image: str | None = None, str
         s = reply.stats
         Stdout.end_line()
         err_console().print(
-            f"[dim]{s.prompt_tokens} prompt tokens, {s.completion_tokens} reply tokens, "
+            f"[dim]{s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), "
+            f"{s.completion_tokens} reply tokens, "
             f"first token {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tokens/s "
             f"({s.finish_reason})[/]"
         )
     return reply
 
 
+MAX_INPUT_BYTES = 4 << 20  # one question (piped stdin, one line of a piped chat)
+
+
+def decode_input(data: bytes, what: str, *, utf16: bool = True) -> str:
+    """Bytes from stdin as text by one rule for every model: UTF-8 (a UTF-8 byte order mark,
+    and with ``utf16`` a UTF-16 one, is honoured); anything else is a ``UsageError`` naming
+    where it breaks."""
+    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+    for bom, codec in boms if utf16 else boms[:1]:
+        if data.startswith(bom):
+            data, enc = data[len(bom):], codec
+            break
+    else:
+        enc = "utf-8"
+    try:
+        text = data.decode(enc)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not valid {enc.upper()} text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise UsageError(f"{what} contains NUL characters (binary data, or UTF-16 without a "
+                         "byte order mark?)")
+    return text
+
+
 def read_stdin() -> str | None:
     if sys.stdin is None or sys.stdin.isatty():
         return None
-    return sys.stdin.read()
+    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise UsageError(f"stdin is over {MAX_INPUT_BYTES >> 20} MiB")
+    return decode_input(data, "stdin")
+
+
+def stdin_lines() -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes without the line end), None for a line over ``MAX_INPUT_BYTES``
+    (its rest is skipped), without ever holding more than one such line."""
+    n, buf = 0, sys.stdin.buffer
+    while True:
+        raw = buf.readline(MAX_INPUT_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_INPUT_BYTES and not raw.endswith(b"\n"):
+            while (more := buf.readline(MAX_INPUT_BYTES)) and not more.endswith(b"\n"):
+                pass
+            yield n, None
+            continue
+        yield n, raw.rstrip(b"\r\n")
 
 
 def one_shot(
@@ -440,6 +600,7 @@ def one_shot(
                     "model": model.name,
                     "reply": reply.text,
                     "prompt_tokens": s.prompt_tokens,
+                    "cached_tokens": s.cached_tokens,
                     "completion_tokens": s.completion_tokens,
                     "seconds": round(time.perf_counter() - t0, 4),
                     "ttft_seconds": round(s.ttft_s, 4),
@@ -458,15 +619,29 @@ def one_shot(
 
 
 def line_chat(opts: RunOptions, model: ChatModel, image: str | None = None) -> None:
-    """The scripting contract: one user message per stdin line, one reply line each."""
+    """The scripting contract: one user message per stdin line, one reply line each. A line
+    that cannot be answered (not UTF-8, too long, over the context budget) is reported on
+    stderr with its number and skipped; the batch goes on, and the exit status is then 1."""
     conv = new_conversation(opts, model)
-    for raw in sys.stdin:
-        line = raw.rstrip("\r\n")
-        if not line.strip():
+    failed = 0
+    for n, raw in stdin_lines():
+        try:
+            if raw is None:
+                raise UsageError(f"the line is over {MAX_INPUT_BYTES >> 20} MiB")
+            line = decode_input(raw, "the line", utf16=False)
+            if not line.strip():
+                continue
+            run_turn(conv, line, image=image, stream=True, verbose=opts.verbose)
+        except LLMChatError as exc:
+            failed += 1
+            Stdout.end_line()
+            msg = " ".join(str(exc).split())
+            err_console().print(f"[bold red]error:[/] line {n}: {escape(msg)} (skipped)")
             continue
-        run_turn(conv, line, image=image, stream=True, verbose=opts.verbose)
         image = None  # attached once, to the first question
         Stdout.write("\n")
+    if failed:
+        raise typer.Exit(ExitCode.ERROR)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -481,13 +656,15 @@ def ask(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the reply and figures")
     ] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     no_log: NoLogOpt = False,
     cont: ContinueOpt = False,
     cid: CidOpt = None,
     opts: RunOptions,
 ) -> None:
     """Ask one question and stream the answer (scriptable: stdin, --json)."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     opts.log = not no_log
     resume(opts, cont, cid)
     opts.validate()
@@ -507,13 +684,15 @@ def chat(
         bool, typer.Option("--plain", help="Raw text instead of rendered Markdown")
     ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Figures after each reply")] = False,
+    api_base: ApiBaseOpt = None,
+    api_key: ApiKeyOpt = None,
     no_log: NoLogOpt = False,
     cont: ContinueOpt = False,
     cid: CidOpt = None,
     opts: RunOptions,
 ) -> None:
     """Chat with multi-turn history: a REPL in a terminal, one reply per line when piped."""
-    opts.system = system
+    opts.system, opts.api_base, opts.api_key = system, api_base, api_key
     opts.log = not no_log
     resume(opts, cont, cid)
     interactive(opts, plain=plain, stats=stats)
@@ -572,6 +751,34 @@ def image(
 
 
 @app.command()
+@model_command
+def serve(
+    *,
+    host: Annotated[str, typer.Option(help="Address to bind (not loopback: use --api-key)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLMCHAT_API_KEY", help="Require Authorization: Bearer KEY"),
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(min=0, help="Requests that may wait for the model (more: 429)")
+    ] = None,
+    opts: RunOptions,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    opts.validate()
+    from llmchat.server import require_serve_deps
+    from llmchat.server import serve as run_server
+
+    require_serve_deps()
+    model = load_model(opts, default_model="chatglm2-6b")
+    run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
+               max_queue=max_queue)
+
+
+@app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
@@ -591,6 +798,11 @@ def models(
                 "memory_gb": spec.memory_gb,
                 "cached": str(cached) if cached else None,
                 "description": spec.description,
+                "quantized": [  # official pre-quantized repos, fetched for --quant N
+                    {"name": f"{spec.name}-int{bits}", "quant": bits, "hub_id": repo,
+                     "cached": str(c) if (c := cached_snapshot(repo)) else None}
+                    for bits, repo in sorted(spec.quantized.items())
+                ],
             }
         )
     if as_json:
@@ -600,7 +812,7 @@ def models(
 
     table = Table(box=None, header_style="bold")
     for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "hub id"))
     for r in rows:
         mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
         table.add_row(
@@ -610,6 +822,14 @@ def models(
             mem,
             "[green]yes[/]" if r["cached"] else "[dim]no[/]",
         )
+        for q in r["quantized"]:
+            table.add_row(
+                f"  {q['name']}",
+                f"--quant {q['quant']}",
+                q["hub_id"],
+                f"{r['memory_gb'].get('int' + str(q['quant']), '?')} GB",
+                "[green]yes[/]" if q["cached"] else "[dim]no[/]",
+            )
     Console().print(table)
 
 
@@ -758,10 +978,36 @@ def logs_cmd(
     guarded(debug, run)
 
 
+def _quiet_broken_pipe(self: Console) -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(ExitCode.SUCCESS)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: option errors as one ``error:`` line (exit 2), a closed or
+    broken stdout handled without a traceback."""
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, wherever typer keeps it
+    # rich's documented hook for a reader that went away (`llmchat --help | head -1`): its
+    # default exits 1; for us that is a normal end, as for any Unix filter.
+    Console.on_broken_pipe = _quiet_broken_pipe  # type: ignore[method-assign]
+
+    if sys.stdout is None:  # started with stdout closed: nothing can be written
+        sys.stderr.write("error: stdout is closed; nothing could be written\n")
+        sys.exit(ExitCode.ERROR)
     try:
-        app()
-    except BrokenPipeError:  # `llmchat ask ... | head`
-        sys.stderr.close()
+        code = app(standalone_mode=False)
+        sys.stdout.flush()
+    except usage_error as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+        msg = " ".join(exc.format_message().split())
+        err_console().print(f"[bold red]error:[/] {escape(msg)}{hint}", highlight=False)
+        sys.exit(ExitCode.USAGE)
+    except typer.Abort:
+        sys.exit(ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # `llmchat ask ... | head`: the reader has gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(ExitCode.SUCCESS)
+    except OSError as exc:  # stdout closed or unwritable (EBADF, ENOSPC, ...)
+        sys.stderr.write(f"error: cannot write the output: {exc.strerror or exc}\n")
+        sys.exit(ExitCode.ERROR)
+    sys.exit(code if isinstance(code, int) else ExitCode.SUCCESS)

@@ -7,7 +7,11 @@ class LLMChatError(Exception):
     """Base class: every expected failure (bad input, bad checkpoint) derives from it."""
 
 
-class UnknownModelError(LLMChatError, KeyError):
+class UsageError(LLMChatError):
+    """Invalid option values or arguments (exit status 2)."""
+
+
+class UnknownModelError(UsageError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "unknown model"
 
@@ -38,7 +42,3 @@ class ContextOverflowError(LLMChatError):
 
 class ImageError(LLMChatError):
     """An image cannot be read, or the model does not take images."""
-
-
-class UsageError(LLMChatError):
-    """Invalid option values or arguments."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
+from llmchat.errors import CheckpointError
 from llmchat.types import GenerationConfig
 
 
@@ -109,6 +110,7 @@ def generate_tokens(
     stop_ids: frozenset[int],
     prefill: Callable[[Tensor, KVCache], Tensor] | None = None,
     step: Callable[[int], Tensor] | None = None,
+    cached: int = 0,
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded) or ``max_new_tokens``.
 
@@ -116,14 +118,23 @@ def generate_tokens(
     ``cache``; the prefill asks for the last position only (no (T, vocab) logits matrix).
     ``prefill`` replaces the first call (VisualGLM splices image embeddings there); ``step``
     replaces the one-token decode calls (``graphs.StaticDecoder``, a captured CUDA graph).
+    ``cached``: the first ``cached`` prompt tokens are already in ``cache`` (at ``cache.offset``),
+    so the prefill runs over the rest only.
     """
     device = cache.device
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     seen = torch.empty(len(prompt) + max_new_tokens, dtype=torch.long, device=device)
     seen[: len(prompt)] = ids[0]
     n = len(prompt)
-    first = prefill(ids, cache) if prefill else model(ids, cache, last_only=True)
+    if cached:
+        assert prefill is None and cache.offset - cache.prefix_len == cached < len(prompt)
+    first = prefill(ids, cache) if prefill else model(ids[:, cached:], cache, last_only=True)
     logits = first[0, -1].float()
+    if not bool(torch.isfinite(logits).all()):  # one check, at the first step only
+        raise CheckpointError(
+            "the model computed NaN/Inf scores for the prompt: the checkpoint's weights are "
+            "broken (or overflow in this dtype; try --dtype float32)"
+        )
     for i in range(max_new_tokens):
         token = sample(logits, seen[:n], n)
         if token in stop_ids:

@@ -13,9 +13,9 @@ read, and hub downloads skip ``*.py``.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pickle
+import re
 import resource
 import time
 import zipfile
@@ -29,7 +29,18 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel, contract
-from llmchat.registry import ModelSpec, detect, hub_cache_dir, resolve
+from llmchat.registry import (
+    ModelSpec,
+    cached_snapshot,
+    detect,
+    hub_cache_dir,
+    lookup,
+    read_tokenizer_config,
+    repo_for,
+    resolve,
+)
+from llmchat.safeio import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, inside, read_json
+from llmchat.threads import apply_threads
 from llmchat.types import parse_quant
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -103,8 +114,10 @@ def resolve_dtype(
 
 
 # -- finding the checkpoint -----------------------------------------------------------------------
-def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
-    """The preset's directory in the standard Hugging Face cache, downloading it if allowed."""
+def hub_snapshot(spec: ModelSpec | str, *, download: bool = True) -> Path:
+    """A preset's (or a hub repository's) directory in the standard Hugging Face cache,
+    downloading it if allowed."""
+    repo = spec if isinstance(spec, str) else spec.hub_id
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - declared dependency
@@ -112,7 +125,7 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     offline = not download or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         path = snapshot_download(
-            spec.hub_id,
+            repo,
             allow_patterns=HUB_PATTERNS,
             local_files_only=offline,
             cache_dir=hub_cache_dir(),
@@ -120,14 +133,25 @@ def hub_snapshot(spec: ModelSpec, *, download: bool = True) -> Path:
     except Exception as exc:  # hub errors are many and version-dependent
         hint = "it is not in the local cache" if offline else f"download failed: {_short(exc)}"
         raise CheckpointError(
-            f"cannot get {spec.hub_id}: {hint}. Download it, or pass --model-path DIR"
+            f"cannot get {repo}: {hint}. Download it, or pass --model-path DIR"
         ) from None
     return Path(path)
 
 
 def find_checkpoint(
-    model: str | None, model_path: str | os.PathLike[str] | None, *, download: bool = True
+    model: str | None,
+    model_path: str | os.PathLike[str] | None,
+    *,
+    download: bool = True,
+    quant: int | str = 16,
 ) -> Path:
+    """The checkpoint directory for ``--model-path`` or ``--model NAME`` (with ``--quant``).
+
+    A preset with ``--quant N`` uses THUDM's official pre-quantized repository where there is one
+    (``chatglm2-6b --quant 4`` → THUDM/chatglm2-6b-int4, 3.9 GB instead of 12.5 GB); so does a
+    name like ``chatglm2-6b-int4``. Only when that repository is not cached but the fp16 one is,
+    the fp16 one is used and quantized as it loads (the same weights, no download).
+    """
     if model_path is not None:
         path = Path(model_path).expanduser()
         if not path.exists():
@@ -139,34 +163,54 @@ def find_checkpoint(
         raise UsageError("no model given: use --model NAME or --model-path DIR")
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()
-    return hub_snapshot(resolve(model), download=download)
+    spec, named_bits = lookup(model)
+    bits = parse_quant(quant)
+    if named_bits and bits not in (16, named_bits):
+        raise UsageError(
+            f"{model} is pre-quantized to int{named_bits}: use --quant {named_bits}, "
+            f"or --model {spec.name} --quant {bits}"
+        )
+    repo = repo_for(spec, named_bits or bits)
+    if repo != spec.hub_id and not named_bits and cached_snapshot(repo) is None:
+        base = cached_snapshot(spec.hub_id)
+        if base is not None:
+            return base
+    return hub_snapshot(repo, download=download)
 
 
 def read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise CheckpointError(f"no config.json in {path}")
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {cfg_path}: {exc}") from None
+    data = read_json(cfg_path, max_bytes=MAX_CONFIG_BYTES, what="config.json")
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object")
     return data
 
 
 # -- shards ---------------------------------------------------------------------------------------
-def checkpoint_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint, in index order; every listed shard must exist."""
+def read_index(path: Path) -> tuple[str, dict[str, str]] | None:
+    """(index file name, weight_map) of a sharded checkpoint, or None when it is not sharded."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
-        if not index.exists():
+        if not index.exists() and not index.is_symlink():
             continue
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = list(dict.fromkeys(str(v) for v in weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"cannot read {index}: {exc}") from None
+        data = read_json(index, max_bytes=MAX_INDEX_BYTES, what=index_name)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_name} has no weight_map of tensor names to shard files")
+        for key, name in weight_map.items():
+            inside(path, name, what=f"{index_name} entry {key!r}")
+        return index_name, weight_map
+    return None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint, in index order; every listed shard must exist."""
+    found = read_index(path)
+    if found is not None:
+        index_name, weight_map = found
+        names = list(dict.fromkeys(weight_map.values()))
         for name in names:
             if not (path / name).is_file():
                 raise CheckpointError(f"shard {name} listed in {index_name} is missing from {path}")
@@ -182,6 +226,48 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+def checkpoint_keys(path: Path, files: list[Path]) -> tuple[list[str], str] | None:
+    """The tensor names without reading any tensor (the index, or safetensors headers), and
+    where they came from; None for unindexed ``.bin`` files (checked as they stream)."""
+    found = read_index(path)
+    if found is not None:
+        return list(found[1]), f"{found[0]} weight_map"
+    if all(f.suffix == ".safetensors" for f in files):
+        from safetensors import safe_open
+
+        keys: list[str] = []
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    keys.extend(st.keys())  # noqa: SIM118 - safe_open has no __iter__
+            except Exception:  # unreadable: iter_tensors names the problem
+                return None
+        return keys, "the safetensors files"
+    return None
+
+
+LAYER_KEY = re.compile(r"^(.+)\.(\d+)\.")
+
+
+def check_layer_counts(cfg: Any, keys: Iterable[str], source: str) -> None:
+    """Each layer stack's size in config.json must match the checkpoint's own layer keys."""
+    counts = getattr(cfg, "layer_counts", None)
+    if counts is None:
+        return
+    seen: dict[str, set[int]] = {}
+    for key in keys:
+        m = LAYER_KEY.match(key)
+        if m:
+            seen.setdefault(m.group(1), set()).add(int(m.group(2)))
+    for prefix, (json_key, n) in counts().items():
+        got = seen.get(prefix, set())
+        if got != set(range(n)):
+            have = f"layers {min(got)}..{max(got)} ({len(got)} in all)" if got else "no layers"
+            raise CheckpointError(
+                f"config.json {json_key} is {n} but {source} has {have} under {prefix}.*"
+            )
+
+
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     try:
         try:
@@ -190,20 +276,37 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
-    except (
-        RuntimeError,
-        OSError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-    ) as exc:
-        raise CheckpointError(
-            f"cannot read {file.name}: truncated or corrupt ({_short(exc)})"
-        ) from None
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise CheckpointError(_refused(file, exc)) from None
+        raise CheckpointError(_corrupt(file)) from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError):
+        raise CheckpointError(_corrupt(file)) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{file.name} does not hold a state dict")
     return sd
+
+
+def _refused(file: Path, exc: BaseException) -> str:
+    """The weights-only unpickler met something other than tensors: name it, never suggest
+    turning the protection off (torch's own hint does)."""
+    m = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(exc))
+    what = f" ({m.group(1)})" if m else ""
+    return (
+        f"refusing to load {file.name}: it contains code or objects{what} besides tensors, "
+        "which llmchat never loads; use a checkpoint that holds only weights (e.g. safetensors)"
+    )
+
+
+def _corrupt(file: Path) -> str:
+    try:
+        size = f"{file.stat().st_size:,} bytes"
+    except OSError:
+        size = "unreadable"
+    return (
+        f"cannot read {file.name} ({size}): the file is truncated or corrupt; "
+        "download it again"
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -211,7 +314,17 @@ def _short(exc: BaseException) -> str:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) shard by shard; each shard is released before the next is opened."""
+    """Yield (key, tensor) shard by shard; each shard is released before the next is opened.
+    A tensor name found in two shards is refused (which copy would win is arbitrary)."""
+    origin: dict[str, str] = {}
+
+    def once(key: str, file: Path) -> None:
+        if key in origin:
+            raise CheckpointError(
+                f"tensor {key} is in both {origin[key]} and {file.name}; refusing the ambiguity"
+            )
+        origin[key] = file.name
+
     for file in files:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -219,19 +332,19 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as f:
                     for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        once(key, file)
                         yield key, f.get_tensor(key)
             except CheckpointError:
                 raise
-            except Exception as exc:  # SafetensorError and friends
-                raise CheckpointError(
-                    f"cannot read {file.name}: truncated or corrupt ({_short(exc)})"
-                ) from None
+            except Exception:  # SafetensorError and friends
+                raise CheckpointError(_corrupt(file)) from None
         else:
             sd = _torch_load(file)
             for key in list(sd):
                 t = sd.pop(key)
-                if not isinstance(t, torch.Tensor):
-                    raise CheckpointError(f"{file.name}: {key} is not a tensor")
+                if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{file.name}: {key!r} is not a named tensor")
+                once(key, file)
                 yield key, t
             del sd
 
@@ -355,14 +468,21 @@ def load(
     dtype: str = "auto",
     progress: Progress | None = None,
     download: bool = True,
+    ptuning: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
 ) -> ChatModel:
-    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``."""
+    """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
+
+    ``threads``: torch's CPU thread count (default: the free physical cores, see
+    ``llmchat.threads``), set before anything runs and reported as ``info.extra["threads"]``.
+    """
     t0 = time.perf_counter()
     bits = parse_quant(quant)
+    n_threads = apply_threads(threads)
     dev = resolve_device(device)
-    path = find_checkpoint(model, model_path, download=download)
+    path = find_checkpoint(model, model_path, download=download, quant=bits)
     hf = read_config(path)
-    spec = detect(hf)
+    spec = detect(hf, read_tokenizer_config(path))
     if model and model_path is not None and not Path(model).is_dir():
         asked = resolve(model)
         if asked.name != spec.name:
@@ -370,8 +490,16 @@ def load(
     module = importlib.import_module(spec.module)
     contract(module)  # a module missing part of the model contract fails here, loudly
     cfg = module.Config.from_hf(hf)
+    prefix = None
+    if ptuning is not None:  # fail on a bad prefix before the (slow) weight load
+        from llmchat.ptuning import load_prefix
+
+        prefix = load_prefix(ptuning, spec.module, cfg)
     tokenizer = module.load_tokenizer(path)
     files = checkpoint_files(path)
+    listed = checkpoint_keys(path, files)
+    if listed is not None:
+        check_layer_counts(cfg, *listed)
     fp32_bytes = 2 * sum(f.stat().st_size for f in files)  # checkpoints are fp16
     torch_dtype = resolve_dtype(
         dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)), fp32_bytes
@@ -398,6 +526,7 @@ def load(
         peak_rss_bytes=peak_rss_bytes(),
     )
     info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra["threads"] = n_threads
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
     ):
@@ -406,4 +535,7 @@ def load(
             "running in bfloat16 (pass --dtype float32 to insist)"
         )
     chat_cls = contract(module).chat_model_class or TransformerChatModel
-    return chat_cls(spec, module, net, tokenizer, info)
+    chat = chat_cls(spec, module, net, tokenizer, info)
+    if prefix is not None:
+        chat.use_prefix(prefix)
+    return chat

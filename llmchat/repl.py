@@ -18,14 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmchat import chatfile
 from llmchat.conversation import Conversation
 from llmchat.errors import ImageError, LLMChatError, UsageError
 from llmchat.types import GenerationConfig, Message
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 Read = Callable[[str], str]
 DOUBLE_CTRL_C_S = 1.0
-CONVERSATION_FORMAT = "llmchat.conversation"
 # /set KEY VALUE: the parser for each setting; "none" clears the optional ones.
 SETTINGS: dict[str, type] = {
     "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
@@ -54,47 +52,6 @@ def data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("llmchat", appauthor=False))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and ``os.replace``: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def load_conversation(path: Path) -> list[Message]:
-    """Messages from a ``/save`` file, validated (system first, then user/assistant pairs)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not JSON ({exc.msg}, line {exc.lineno})") from None
-    raw = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(raw, list):
-        raise UsageError(f"{path} is not an llmchat conversation (no 'messages' list)")
-    msgs = [Message.from_dict(d) for d in raw]
-    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
-    for i, m in enumerate(body):
-        if m.role != ("user", "assistant")[i % 2]:
-            raise UsageError(f"{path}: message {i + 1} should be a "
-                             f"{('user', 'assistant')[i % 2]} message, not {m.role}")
-        if m.image and not Path(m.image).is_file():
-            raise UsageError(f"{path}: image {m.image} not found")
-    if len(body) % 2:
-        raise UsageError(f"{path}: the last question has no answer")
-    return msgs
 
 
 def clipboard_command() -> list[str] | None:
@@ -359,33 +316,66 @@ class Repl:
         self.conv.id = uuid.uuid4().hex
         self.image, self.retrying = None, False
         self.ui.note(f"New conversation {self.conv.id}.")
+        prefix = self.model.info.extra.get("prefix")
+        self.ui.note(f"P-tuning prefix: {prefix}" if prefix else "P-tuning prefix: none")
+
+    def cmd_prefix(self, arg: str) -> None:
+        set_prefix = getattr(self.model, "set_prefix", None)
+        if set_prefix is None:
+            self.ui.error(f"{self.model.name} does not take P-tuning prefixes.")
+            return
+        if not arg:
+            prefix = self.model.info.extra.get("prefix")
+            self.ui.note(f"P-tuning prefix: {prefix}" if prefix else "No P-tuning prefix.")
+            return
+        try:
+            set_prefix(None if arg.lower() == "off" else arg)
+        except LLMChatError as exc:
+            self.ui.error(str(exc))
+            return
+        prefix = self.model.info.extra.get("prefix")
+        self.ui.note(f"P-tuning prefix: {prefix} (history kept)" if prefix
+                     else "P-tuning prefix off (history kept).")
 
     def cmd_stats(self, arg: str) -> None:
         self.show_stats = not self.show_stats
         self.ui.note(f"Per-reply stats {'on' if self.show_stats else 'off'}.")
 
     def cmd_save(self, arg: str) -> None:
-        if arg:
-            path = Path(arg).expanduser()
-        else:
-            path = data_dir() / "chats" / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"format": CONVERSATION_FORMAT, "version": 1, "model": self.model.name,
-               "saved_at": datetime.now().isoformat(timespec="seconds"),
-               "messages": [m.to_dict() for m in self.messages]}
+        text = json.dumps(chatfile.document(self.model.name, self.messages), ensure_ascii=False,
+                          indent=2) + "\n"
         try:
-            write_atomic(path, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+            if not arg:
+                path = chatfile.save_new(data_dir() / "chats", text)
+            else:
+                path = Path(arg).expanduser()
+                if chatfile.existing_mode(path) is not None and not self.confirm(
+                        f"{path} exists. Replace it? [y/N] "):
+                    self.ui.note("Not saved.")
+                    return
+                chatfile.write_file(path, text)
         except OSError as exc:
-            self.ui.error(f"Cannot save to {path}: {exc.strerror or exc}")
+            where = arg or str(data_dir() / "chats")
+            self.ui.error(f"Cannot save to {where}: {exc.strerror or exc} (nothing was "
+                          "written; an existing file is unchanged)")
+            return
+        except LLMChatError as exc:
+            self.ui.error(f"Cannot save: {exc}")
             return
         self.ui.note(f"Saved {len(self.messages)} messages to {path}")
+
+    def confirm(self, question: str) -> bool:
+        try:
+            return self.read(question).strip().lower() in ("y", "yes")
+        except (EOFError, KeyboardInterrupt):
+            return False
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             self.ui.error("Usage: /load FILE")
             return
         try:
-            msgs = load_conversation(Path(arg).expanduser())
+            msgs = chatfile.load_conversation(Path(arg).expanduser())
             if msgs and msgs[0].role == "system" and not self.model.supports_system:
                 raise UsageError(f"{arg} has a system prompt and {self.model.name} has no "
                                  "system role")
@@ -393,6 +383,9 @@ class Repl:
                 raise ImageError(f"{arg} has images and {self.model.name} does not take images")
         except LLMChatError as exc:
             self.ui.error(f"Cannot load: {exc}")
+            return
+        except Exception as exc:  # no /load failure may end the session
+            self.ui.error(f"Cannot load {arg}: {type(exc).__name__}: {exc}".splitlines()[0])
             return
         self.conv.load(msgs)
         self.image, self.retrying = None, False
@@ -402,19 +395,25 @@ class Repl:
         if not self.messages or self.messages[-1].role != "assistant":
             self.ui.note("Nothing to copy yet.")
             return
-        cmd = clipboard_command()
-        if cmd is None:
-            self.ui.error("No clipboard tool found (pbcopy, wl-copy, xclip, xsel or clip.exe); "
-                          "nothing was copied.")
-            return
         text = self.messages[-1].content
-        data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
-        try:
-            subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.ui.error(f"{cmd[0]} failed: {exc}")
+        cmd = clipboard_command()
+        failed = ""
+        if cmd is not None:
+            data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
+            try:
+                subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                failed = f"{cmd[0]} failed: {exc}"
+            else:
+                self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+                return
+        # No tool (SSH, tmux, a bare console) or it failed: ask the terminal itself (OSC 52).
+        if self.ui.copy_osc52(text):
+            self.ui.note(f"Sent the last reply ({len(text)} characters) to the terminal's "
+                         "clipboard (OSC 52; some terminals need it enabled).")
             return
-        self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
+        self.ui.error(failed or "No clipboard tool found (pbcopy, wl-copy, xclip, xsel or "
+                      "clip.exe) and the output is not a terminal; nothing was copied.")
 
     def cmd_image(self, arg: str) -> None:
         if not self.model.supports_images:
@@ -452,6 +451,8 @@ COMMANDS: dict[str, Command] = {
     "/retry": Command(Repl.cmd_retry, "/retry", "edit the last question and ask again"),
     "/system": Command(Repl.cmd_system, "/system [TEXT]", "show or set the system prompt"),
     "/set": Command(Repl.cmd_set, "/set KEY VALUE", "change a setting: " + ", ".join(SETTINGS)),
+    "/prefix": Command(Repl.cmd_prefix, "/prefix DIR|off",
+                       "load, switch or drop a P-tuning prefix"),
     "/show": Command(Repl.cmd_show, "/show", "model, settings and context used"),
     "/new": Command(Repl.cmd_new, "/new", "start a new conversation (a new log id)"),
     "/stats": Command(Repl.cmd_stats, "/stats", "toggle speed and token figures after replies"),

@@ -207,3 +207,80 @@ def test_bench_on_a_checkpoint_and_usage_errors(glm2_dir: Path) -> None:
     ):
         bad = runner.invoke(app, args)
         assert bad.exit_code == 2 and msg in bad.stderr
+
+
+def test_version_and_option_panels() -> None:
+    from llmchat import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"llmchat {__version__}"
+    helptext = CliRunner().invoke(app, ["ask", "--help"], terminal_width=120).output
+    for panel in ("Model", "Generation", "Output"):
+        assert f"─ {panel} " in helptext
+    assert "discourages repeats" in helptext
+
+
+def test_verbose_figures_start_on_a_fresh_line(glm2_dir: Path) -> None:
+    """As on a terminal, where stdout and stderr share one screen."""
+    res = subprocess.run([sys.executable, "-m", "llmchat", "ask", "-p", str(glm2_dir), "-t", "0",
+                          "-n", "5", "-v", "你好"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout
+    figures = [ln for ln in res.stdout.splitlines() if "prompt tokens (0 cached)" in ln]
+    assert len(figures) == 1 and figures[0].startswith(tuple("0123456789"))
+
+
+@pytest.mark.parametrize("args", [
+    ["ask", "--temperature", "abc", "x"], ["ask", "--top-k", "1.5", "x"],
+    ["ask", "--no-such-option", "x"], ["ask", "-m", "nosuchmodel", "x"],
+])
+def test_option_errors_are_one_error_line_and_exit_2(args: list[str]) -> None:
+    res = run_cli(args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_closed_or_broken_stdout_is_handled(glm2_dir: Path) -> None:
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    head = subprocess.run(["bash", "-c", f"{sys.executable} -m llmchat --help | head -1; "
+                           "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert head.returncode == 0, head.stderr
+    for extra in ([], ["--json"]):
+        res = subprocess.run(["bash", "-c", f"{sys.executable} -m llmchat ask {' '.join(extra)} "
+                              f"-p {glm2_dir} -n 3 hi >&-"], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert res.returncode == 1 and res.stderr.strip().startswith("error: ")
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_piped_chat_skips_a_bad_line_and_answers_the_rest(glm2_dir: Path) -> None:
+    questions = ["你好", "介绍一下你自己"]
+    want = expected_replies(glm2_dir, questions, max_new=6)
+    data = ("你好\n".encode() + b"bad \xff\xfe line\n" + b"x" * (5 << 20) + b"\n"
+            + "介绍一下你自己\n".encode())
+    res = subprocess.run([sys.executable, "-m", "llmchat", "chat", "-p", str(glm2_dir), "-t", "0",
+                          "-n", "6"], input=data, capture_output=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    err = res.stderr.decode()
+    assert res.returncode == 1 and "Traceback" not in err
+    assert "line 2: the line is not valid UTF-8 text (byte 4) (skipped)" in err
+    assert "line 3: the line is over 4 MiB (skipped)" in err
+    assert res.stdout.decode() == "".join(r + "\n" for r in want)
+
+
+@pytest.mark.parametrize("data", [b"caf\xe9", b"\xff\xfeh\x00i\x00" + b"\x00\xd8", b"h\x00i\x00"])
+def test_ask_refuses_stdin_that_is_not_text(glm2_dir: Path, data: bytes) -> None:
+    res = subprocess.run([sys.executable, "-m", "llmchat", "ask", "-p", str(glm2_dir), "-n", "3"],
+                         input=data, capture_output=True, timeout=120)
+    err = res.stderr.decode()
+    assert res.returncode == 2 and err.startswith("error: stdin") and len(err.splitlines()) == 1
+
+
+def test_ask_reads_utf16_with_a_byte_order_mark(glm2_dir: Path) -> None:
+    want = expected_replies(glm2_dir, ["你好"], max_new=4)
+    res = subprocess.run([sys.executable, "-m", "llmchat", "ask", "-p", str(glm2_dir), "-t", "0",
+                          "-n", "4"], input="你好".encode("utf-16"), capture_output=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.decode() == want[0] + "\n"

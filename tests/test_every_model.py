@@ -120,3 +120,34 @@ def test_every_checkpoint_key_is_used(name: str, tiny: Callable[[str], Path]) ->
     assert used == params
     # only the unused rotary buffers and a tied output layer are dropped
     assert all("inv_freq" in k or k == "lm_head.weight" for k in dropped)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_text_that_is_not_unicode_is_refused_by_one_rule(name: str,
+                                                         tiny: Callable[[str], Path]) -> None:
+    from llmchat.errors import UsageError
+    from llmchat.types import Message
+
+    chat = load(model_path=tiny(name), device="cpu", dtype="float32")
+    with pytest.raises(UsageError, match="not valid Unicode"):
+        chat.chat([Message("user", "bad \udcff text")], chat.defaults)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_weights_are_reported_as_a_broken_checkpoint(name: str,
+                                                        tiny: Callable[[str], Path]) -> None:
+    from llmchat.errors import CheckpointError
+    from llmchat.types import Message
+
+    chat = load(model_path=tiny(name), device="cpu", dtype="float32")
+    norm = next(p for n, p in chat.model.named_parameters() if "norm" in n or "ln_" in n)
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm.fill_(float("nan"))
+    try:
+        for temperature in (0, 0.8):
+            with pytest.raises(CheckpointError, match="NaN/Inf"):
+                chat.chat([Message("user", "hi")], chat.defaults.with_(temperature=temperature))
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)

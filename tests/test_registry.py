@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from llmchat.errors import UnknownModelError, UnsupportedCheckpointError, UsageError
@@ -76,3 +79,90 @@ def test_parse_quant() -> None:
     for bad in (3, "int3", "", "32"):
         with pytest.raises(UsageError, match="--quant"):
             parse_quant(bad)
+
+
+# -- ChatGLM3-6B and GLM-4 carry ChatGLM2's keys: refused by name, never run as ChatGLM2 ----------
+def _glm3_config() -> dict:
+    """THUDM/chatglm3-6b's config.json: the ChatGLM2 keys, its own name and seq_length 8192."""
+    cfg = upstream_config("chatglm2-6b")
+    cfg.update({"_name_or_path": "THUDM/chatglm3-6b", "seq_length": 8192,
+                "transformers_version": "4.30.2"})
+    return cfg
+
+
+def _glm4_config() -> dict:
+    """THUDM/glm-4-9b-chat's config.json (the keys that matter)."""
+    cfg = upstream_config("chatglm2-6b")
+    cfg.update({"_name_or_path": "THUDM/glm-4-9b-chat", "num_layers": 40,
+                "padded_vocab_size": 151552, "rope_ratio": 500, "seq_length": 131072,
+                "layernorm_epsilon": 1.5625e-07, "eos_token_id": [151329, 151336, 151338],
+                "pad_token_id": 151329})
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["THUDM/chatglm3-6b", "THUDM/chatglm3-6b-32k",
+                                     "/data/models/chatglm3_6b_base"])
+def test_chatglm3_is_refused_by_name(variant: str) -> None:
+    cfg = dict(_glm3_config(), _name_or_path=variant)
+    with pytest.raises(UnsupportedCheckpointError, match="ChatGLM3-6B") as e:
+        detect(cfg)
+    assert "\n" not in str(e.value) and "ChatGLM2-6B" in str(e.value)  # names what is supported
+
+
+def test_chatglm3_is_refused_by_its_tokenizer() -> None:
+    """A fine-tune saved under a local name: its tokenizer_config.json still has the role tokens
+    (ChatGLM2's tokenizer has none)."""
+    cfg = dict(_glm3_config(), _name_or_path="/ckpt/my-finetune")
+    tok = {"tokenizer_class": "ChatGLMTokenizer", "added_tokens_decoder": {
+        "64795": {"content": "<|user|>", "special": True},
+        "64796": {"content": "<|assistant|>", "special": True}}}
+    with pytest.raises(UnsupportedCheckpointError, match=r"ChatGLM3-6B .*<\|user\|>"):
+        detect(cfg, tok)
+    with pytest.raises(UnsupportedCheckpointError, match="ChatGLM3-6B"):
+        detect(dict(cfg, _name_or_path=""), {"name_or_path": "THUDM/chatglm3-6b"})
+
+
+@pytest.mark.parametrize("change", [{}, {"_name_or_path": "/local/x"},
+                                    {"_name_or_path": "/local/x", "eos_token_id": 2}])
+def test_glm4_is_refused(change: dict) -> None:
+    with pytest.raises(UnsupportedCheckpointError, match="GLM-4"):
+        detect(dict(_glm4_config(), **change))
+    with pytest.raises(UnsupportedCheckpointError, match="GLM-4"):
+        detect({"architectures": ["GlmForCausalLM"], "model_type": "glm"})
+    with pytest.raises(UnsupportedCheckpointError, match="GLM-4"):
+        detect(dict(upstream_config("chatglm2-6b"), _name_or_path="x"),
+               {"tokenizer_class": "ChatGLM4Tokenizer"})
+
+
+@pytest.mark.parametrize("folder", ["chatglm2-6b", "chatglm2-6b-int4"])
+def test_real_chatglm2_configs_and_tokenizer_still_detect(folder: str) -> None:
+    from tests.checkpoints import shared
+
+    tok = json.loads(shared("tokenizers/chatglm2-6b/tokenizer_config.json").read_text())
+    assert detect(upstream_config(folder), tok).name == "chatglm2-6b"
+    # chatglm2-6b-32k: rope_ratio alone is ChatGLM2 (its RoPE scaling is supported)
+    assert detect(dict(upstream_config(folder), rope_ratio=16), tok).name == "chatglm2-6b"
+
+
+def test_loader_refuses_a_chatglm3_directory(tmp_path: Path) -> None:
+    from llmchat.loader import load
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(_glm3_config(), _name_or_path="m")))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}<|{{ m.role }}|>\n{% endfor %}<|assistant|>"}))
+    with pytest.raises(UnsupportedCheckpointError, match="ChatGLM3-6B"):
+        load(model_path=tmp_path, device="cpu")
+
+
+def test_presets_have_no_dead_keys() -> None:
+    """Every key of configs/*.toml is read into ModelSpec (``template`` was never used: each
+    model module builds its own prompt)."""
+    import dataclasses
+    import tomllib
+
+    from llmchat.registry import PRESET_KEYS, ModelSpec, configs_dir
+
+    assert "template" not in {f.name for f in dataclasses.fields(ModelSpec)}
+    for path in configs_dir().glob("*.toml"):
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        assert set(data) <= PRESET_KEYS, path.name

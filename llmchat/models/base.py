@@ -51,6 +51,10 @@ class Arch:
       ``SUPPORTS_SYSTEM`` (``DEFAULT_SYSTEM`` when none is given); ``DROP_LAST_TOKEN_AT_LENGTH``
       (Qwen's ``_decode_chatml`` quirk);
       ``ChatModelClass`` where the glue needs more (VisualGLM's image splice).
+    * ``CAUSAL_PROMPT``: the prompt is causal, so the keys/values of a conversation's earlier
+      tokens do not change when it grows and are reused across turns (ChatGLM2, Qwen; not the
+      prefix-LM ChatGLM-6B/VisualGLM). ``Model.kv_reusable(cache, prompt_len)`` may refuse
+      (Qwen: only while the dynamic-NTK factor stays the same).
     """
 
     name: str
@@ -68,6 +72,7 @@ class Arch:
     supports_system: bool
     invalid_check_inf: bool = True
     drop_last_token_at_length: bool = False
+    causal_prompt: bool = False
     quant_skip: Callable[[str], bool] | None = None
     default_system: str | None = None
     chat_model_class: type[TransformerChatModel] | None = None
@@ -83,7 +88,7 @@ _REQUIRED = {
 _OPTIONAL = {
     "invalid_check_inf": "INVALID_CHECK_INF", "drop_last_token_at_length":
     "DROP_LAST_TOKEN_AT_LENGTH", "quant_skip": "quant_skip", "chat_model_class": "ChatModelClass",
-    "default_system": "DEFAULT_SYSTEM",
+    "default_system": "DEFAULT_SYSTEM", "causal_prompt": "CAUSAL_PROMPT",
 }
 
 
@@ -151,6 +156,15 @@ class ChatModel(ABC):
         return sum(len(m.content) for m in messages)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
+
+
 class TransformerChatModel(ChatModel):
     """Glue any architecture module (see the module docstring) to the generic generator."""
 
@@ -173,6 +187,26 @@ class TransformerChatModel(ChatModel):
         self.tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._decoder: StaticDecoder | None = None
+        # Token ids whose keys/values sit in the cache's first slots (causal prompts only).
+        self._kv_ids: list[int] = []
+        self.kv_reuse = self.arch.causal_prompt and os.environ.get("LLMCHAT_KV_REUSE", "1") != "0"
+        self.prefix: Any = None  # llmchat.ptuning.Prefix, in the cache dtype, or None
+
+    def set_prefix(self, directory: str | None) -> None:
+        """Load (or, with None, drop) a P-tuning prefix; the next reply uses it."""
+        if directory is None:
+            self.prefix = None
+            self.info.extra.pop("prefix", None)
+            self._kv_ids = []  # the cache holds keys/values computed next to the old prefix
+            return
+        from llmchat.ptuning import load_prefix
+
+        self.use_prefix(load_prefix(directory, self.module.__name__, self.model.config))
+
+    def use_prefix(self, prefix: Any) -> None:
+        self.prefix = prefix.to(self.cache_dtype, self.device)  # upstream casts it likewise
+        self.info.extra["prefix"] = f"{prefix.name} (P-tuning v2, {prefix.pre_seq_len} tokens)"
+        self._kv_ids = []
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -180,6 +214,12 @@ class TransformerChatModel(ChatModel):
             raise UsageError("the conversation must end with a user message")
         if not messages[-1].content.strip() and messages[-1].image is None:
             raise UsageError("empty message")
+        for m in messages:  # one rule for every tokenizer: text must be encodable Unicode
+            try:
+                m.content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UsageError(f"a {m.role} message is not valid Unicode text (character "
+                                 f"{exc.start})") from None
         if not self.supports_system and any(m.role == "system" for m in messages):
             raise UsageError(f"{self.name} has no system role; --system is not available")
         if not self.supports_images and any(m.image for m in messages):
@@ -198,17 +238,37 @@ class TransformerChatModel(ChatModel):
         return len(self.encode(messages))
 
     # -- generation -----------------------------------------------------------------------
-    def _get_cache(self, prompt: int, total: int) -> KVCache:
-        """A cache for ``prompt`` tokens that may grow to ``total``: it starts at the prompt plus
-        ``CACHE_ROUND`` positions and doubles on demand, and is reused across replies."""
-        start = min(total, -(-(prompt + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
-        if self._cache is None or self._cache.max_len < start:
+    def _get_cache(self, ids: list[int], total: int) -> tuple[KVCache, int]:
+        """A cache for the prompt ``ids`` that may grow to ``total`` positions, and how many of
+        the prompt's first tokens it already holds (the longest common prefix with what the
+        last reply left there, when the prompt is causal). A new cache starts at the prompt
+        plus ``CACHE_ROUND`` positions and doubles on demand."""
+        prompt = len(ids)
+        p = self.prefix.pre_seq_len if self.prefix is not None else 0
+        total += p  # the prefix takes the first cache slots (positions do not count it)
+        start = min(total, -(-(prompt + p + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
+        cache, kept = self._cache, 0
+        if cache is not None and self.kv_reuse and self._kv_ids:
+            kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
+            reusable = getattr(self.model, "kv_reusable", None)
+            if kept and reusable is not None and not reusable(cache, prompt):
+                kept = 0
+        if kept:
+            cache.offset = cache.prefix_len + kept
+            cache.limit = max(total, cache.max_len)
+            return cache, kept
+        if cache is None or cache.max_len < start:
             self._decoder = None  # it holds the old buffers (and a graph over them)
             self._cache = None  # free the old buffers before allocating the new ones
-            self._cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
-        self._cache.reset()
-        self._cache.limit = max(total, self._cache.max_len)
-        return self._cache
+            cache = self._cache = self.model.make_cache(start, dtype=self.cache_dtype,
+                                                        device=self.device)
+        cache.limit = max(total, cache.max_len)
+        if self.prefix is not None:
+            cache.set_prefix(self.prefix.k, self.prefix.v)
+        elif cache.prefix_len:
+            cache.set_prefix(None, None)
+        cache.reset()
+        return cache, 0
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
         """On CUDA, the captured one-token step for this cache (reused across replies while the
@@ -226,6 +286,20 @@ class TransformerChatModel(ChatModel):
     @property
     def cache_dtype(self) -> torch.dtype:
         return getattr(torch, self.info.dtype)
+
+    def _track(self, tokens: Iterator[int], ids: list[int], generated: list[int],
+               cache: KVCache) -> Iterator[int]:
+        """Pass ``tokens`` through, then remember which ids the cache holds keys/values for. A
+        stream closed at a token boundary leaves the cache consistent; an error mid-forward
+        (Ctrl-C) may not, so then nothing is kept."""
+        try:
+            for token in tokens:
+                generated.append(token)
+                yield token
+        except GeneratorExit:
+            self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
+            raise
+        self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
 
     def prefill_fn(self, messages: Sequence[Message]) -> Any:
         """Hook for the first forward (VisualGLM splices image embeddings here)."""
@@ -251,7 +325,10 @@ class TransformerChatModel(ChatModel):
                 prefill: Any) -> Iterator[str]:
         stats = reply.stats
         t0 = time.perf_counter()
-        cache = self._get_cache(len(ids), len(ids) + max_new)
+        cache, cached = self._get_cache(ids, len(ids) + max_new) if prefill is None else (
+            self._get_cache([], len(ids) + max_new))
+        stats.cached_tokens = cached
+        self._kv_ids = []  # until this reply leaves the cache consistent
         step = self.decode_step(cache)
         stats.decode_path = step.path if step is not None else "eager"
         arch = self.arch
@@ -266,9 +343,10 @@ class TransformerChatModel(ChatModel):
         # generated (see README, model notes): the newest token is pushed one step late, and
         # dropped if the reply ends at the length limit.
         pending: int | None = None
-        for token in generate_tokens(self.model, ids, cache, sample=sample,
-                                     max_new_tokens=max_new, stop_ids=stop, prefill=prefill,
-                                     step=step):
+        generated: list[int] = []
+        tokens = generate_tokens(self.model, ids, cache, sample=sample, max_new_tokens=max_new,
+                                 stop_ids=stop, prefill=prefill, step=step, cached=cached)
+        for token in self._track(tokens, ids, generated, cache):
             if stats.completion_tokens == 0:
                 stats.ttft_s = time.perf_counter() - t0
             stats.completion_tokens += 1

@@ -21,13 +21,14 @@ D head dim, C channels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmchat.errors import UnsupportedCheckpointError
+from llmchat.models.layers import BIG, Range, check_values, require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,6 +36,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _unsupported(what: str) -> UnsupportedCheckpointError:
     return UnsupportedCheckpointError(f"unsupported VisualGLM config: {what}")
+
+
+def _check(d: dict[str, Any], ranges: dict[str, Range], where: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key not in d:
+            raise UnsupportedCheckpointError(
+                f"VisualGLM config.json: {where} incomplete (no {key!r})"
+            )
+    check_values(d, ranges, "VisualGLM", f"{where}.")
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,16 @@ class EvaConfig:
         """cls + patches: the rows of ``position_embeddings`` (sat derives it the same way)."""
         return 1 + self.grid[0] * self.grid[1]
 
+    _RANGES: ClassVar[dict[str, Range]] = {
+        "num_layers": (int, 1, 256), "hidden_size": (int, 1, 1 << 16),
+        "num_attention_heads": (int, 1, 1024), "inner_hidden_size": (int, 1, BIG),
+        "vocab_size": (int, 1, 1), "layernorm_epsilon": (float, 0.0, 1.0),
+        "patch_size": (int, 1, 4096), "in_channels": (int, 1, 16),
+    }
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> EvaConfig:
+        _check(d, cls._RANGES, "eva_config", ("num_layers", "hidden_size", "num_attention_heads"))
         if d.get("layernorm_order", "pre") != "pre":
             raise _unsupported("eva_config.layernorm_order must be 'pre'")
         if d.get("use_final_layernorm", False):
@@ -68,6 +86,10 @@ class EvaConfig:
             raise _unsupported("eva_config needs pre_len 1 and post_len 0")
         size = d.get("image_size", [224, 224])
         size = (size, size) if isinstance(size, int) else tuple(size)
+        require(len(size) == 2, "VisualGLM", f"eva_config.image_size is {size!r}: [height, width]")
+        for side in size:
+            check_values({"image_size": side}, {"image_size": (int, 1, 4096)}, "VisualGLM",
+                         "eva_config.")
         cfg = cls(
             num_layers=d["num_layers"], hidden_size=d["hidden_size"],
             num_heads=d["num_attention_heads"],
@@ -94,8 +116,17 @@ class QFormerConfig:
     is_decoder: tuple[bool, ...] = (True, False) * 6  # cross-attention on these layers
     cross_hidden_size: int = 1408  # width of the ViT output it attends into
 
+    _RANGES: ClassVar[dict[str, Range]] = {
+        "num_layers": (int, 1, 256), "hidden_size": (int, 1, 1 << 16),
+        "num_attention_heads": (int, 1, 1024), "vocab_size": (int, 1, 4096),
+        "inner_hidden_size": (int, 1, BIG), "layernorm_epsilon": (float, 0.0, 1.0),
+        "cross_attn_hidden_size": (int, 1, 1 << 16),
+    }
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> QFormerConfig:
+        _check(d, cls._RANGES, "qformer_config",
+               ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"))
         if d.get("layernorm_order", "post") != "post":
             raise _unsupported("qformer_config.layernorm_order must be 'post'")
         if not d.get("use_final_layernorm", True):

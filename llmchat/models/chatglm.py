@@ -25,21 +25,29 @@ Shapes: B batch, T new tokens, S cached + new tokens, H heads, D head dim.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
-from llmchat.errors import UnsupportedCheckpointError
-from llmchat.models.layers import embedding, renamed, require_keys
+from llmchat.errors import TokenizerError, UnsupportedCheckpointError
+from llmchat.models.layers import (
+    BIG,
+    Range,
+    check_values,
+    embedding,
+    renamed,
+    require,
+    require_keys,
+)
+from llmchat.safeio import MAX_CONFIG_BYTES, read_json
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
 from llmchat.types import Message, split_turns
 
@@ -88,6 +96,17 @@ class Config:
     # config.json omits a key, are the old revision's: vocab and ids 20000 higher.
     _TOKEN_KEYS = ("mask_token_id", "gmask_token_id", "bos_token_id", "eos_token_id")
     _OLD_OFFSET = 20000
+    _RANGES: ClassVar[dict[str, Range]] = {
+        "vocab_size": (int, 1, BIG),
+        "hidden_size": (int, 1, 1 << 16),
+        "num_layers": (int, 1, 256),
+        "num_attention_heads": (int, 1, 1024),
+        "inner_hidden_size": (int, 1, BIG),
+        "layernorm_epsilon": (float, 0.0, 1.0),
+        "max_sequence_length": (int, 1, BIG),
+        **dict.fromkeys(_TOKEN_KEYS, (int, 0, BIG)),
+        "quantization_bit": (int, 0, 16),
+    }
 
     @property
     def head_dim(self) -> int:
@@ -99,6 +118,7 @@ class Config:
             return UnsupportedCheckpointError(f"unsupported ChatGLM-6B config: {what}")
 
         require_keys(hf, ("hidden_size", "num_layers", "num_attention_heads"))
+        check_values(hf, cls._RANGES, "ChatGLM-6B")
         vocab = hf.get("vocab_size", cls.vocab_size + cls._OLD_OFFSET)
         ids = {k: hf.get(k, getattr(cls, k) + cls._OLD_OFFSET) for k in cls._TOKEN_KEYS}
         if vocab >= 150000 or any(v >= 150000 for v in ids.values()):
@@ -115,9 +135,18 @@ class Config:
         kw = renamed(hf, cls._HF_KEYS)
         kw.setdefault("inner_hidden_size", 4 * kw["hidden_size"])
         cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
-            raise unsupported("hidden_size / num_attention_heads must be a multiple of 4")
+        require(
+            cfg.hidden_size % cfg.num_heads == 0 and cfg.head_dim % 4 == 0, "ChatGLM-6B",
+            f"hidden_size {cfg.hidden_size} / num_attention_heads {cfg.num_heads} must be a "
+            "whole multiple of 4",
+        )
+        require(cfg.eos_token_id < cfg.vocab_size, "ChatGLM-6B",
+                f"the token ids must be below vocab_size {cfg.vocab_size}")
         return cfg
+
+    def layer_counts(self) -> dict[str, tuple[str, int]]:
+        """Checkpoint key prefix -> (config.json key, layers it says), checked against the keys."""
+        return {"transformer.layers": ("num_layers", self.num_layers)}
 
 
 # -- positions, mask and rotary ----------------------------------------------------------------
@@ -134,7 +163,8 @@ def glm_positions(
     b, t = input_ids.shape
     dev = input_ids.device
     ar = torch.arange(t, device=dev)
-    if cache is None or cache.offset == 0:
+    prefix = cache.prefix_len if cache is not None else 0  # P-tuning prefix slots
+    if cache is None or cache.offset == prefix:
         has_g = (input_ids == cfg.gmask_token_id).any(dim=1)
         mark = torch.where(
             has_g[:, None], input_ids == cfg.gmask_token_id, input_ids == cfg.mask_token_id
@@ -153,7 +183,9 @@ def glm_positions(
             cache.meta["glm_prefilled"] = True
             cache.set_state("mask_position", mask_pos)
             cache.set_state("block_position", block[:, -1])
-        return pos, block, masked[:, None]  # mask (B, 1, T, T)
+        if prefix:  # the prefix columns come first and are always visible (upstream :960-964)
+            masked = F.pad(masked.expand(b, t, t), (prefix, 0), value=False)
+        return pos, block, masked[:, None]  # mask (B, 1, T, P + T)
     if not cache.meta.get("glm_prefilled"):
         raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
     mask_pos, last = cache.state["mask_position"], cache.state["block_position"]
@@ -387,11 +419,10 @@ def clean_up_spaces(text: str) -> str:
 
 def load_tokenizer(model_dir: Path) -> ChatGLMTokenizer:
     cfg = Path(model_dir) / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            image_tokens = json.loads(cfg.read_text(encoding="utf-8")).get("num_image_tokens", 0)
-        except (OSError, ValueError, AttributeError):
-            image_tokens = 0  # the file is optional; the piece check below still applies
+    if cfg.is_file():  # optional; when present it is read like any other JSON
+        data = read_json(cfg, max_bytes=MAX_CONFIG_BYTES, what="tokenizer_config.json",
+                         error=TokenizerError)
+        image_tokens = data.get("num_image_tokens", 0) if isinstance(data, dict) else 0
         if image_tokens:
             raise UnsupportedCheckpointError(
                 f"tokenizer_config.json has num_image_tokens={image_tokens}: {CURRENT_REVISION}"

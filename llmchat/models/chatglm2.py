@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,15 @@ from torch import Tensor, nn
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
 from llmchat.models.layers import (
+    BIG,
+    Range,
     RMSNorm,
     causal_attention,
     check_settings,
+    check_values,
     embedding,
     renamed,
+    require,
     require_keys,
 )
 from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
@@ -78,21 +82,40 @@ class Config:
         "apply_residual_connection_post_layernorm": (False, False),
     }
 
+    _RANGES: ClassVar[dict[str, Range]] = {
+        "padded_vocab_size": (int, 1, BIG),
+        "hidden_size": (int, 1, 1 << 16),
+        "num_layers": (int, 1, 256),
+        "num_attention_heads": (int, 1, 1024),
+        "kv_channels": (int, 2, 4096),
+        "multi_query_group_num": (int, 1, 1024),
+        "ffn_hidden_size": (int, 1, BIG),
+        "layernorm_epsilon": (float, 0.0, 1.0),
+        "seq_length": (int, 1, BIG),
+        "rope_ratio": (float, 0.0, 1e6),
+        "quantization_bit": (int, 0, 16),
+    }
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Config:
         check_settings(hf, cls._REQUIRED, "ChatGLM2")
         if hf.get("pre_seq_len"):
             raise UnsupportedCheckpointError("unsupported ChatGLM2 config: P-tuning (pre_seq_len)")
         require_keys(hf, ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads"))
+        check_values(hf, cls._RANGES, "ChatGLM2")
         kw = renamed(hf, cls._HF_KEYS)
         kw["rope_theta"] = 10000.0 * float(hf.get("rope_ratio", 1.0))
         cfg = cls(**kw)
-        if cfg.num_heads % cfg.num_kv_groups:
-            raise UnsupportedCheckpointError(
-                "unsupported ChatGLM2 config: num_attention_heads must be a multiple of "
-                "multi_query_group_num"
-            )
+        require(cfg.num_heads % cfg.num_kv_groups == 0, "ChatGLM2",
+                f"num_attention_heads {cfg.num_heads} must be a multiple of "
+                f"multi_query_group_num {cfg.num_kv_groups}")
+        require(cfg.kv_channels % 4 == 0, "ChatGLM2",
+                f"kv_channels {cfg.kv_channels} must be a multiple of 4 (half-width rotary pairs)")
         return cfg
+
+    def layer_counts(self) -> dict[str, tuple[str, int]]:
+        """Checkpoint key prefix -> (config.json key, layers it says), checked against the keys."""
+        return {"transformer.encoder.layers": ("num_layers", self.num_layers)}
 
 
 def rope_cos_sin(positions: Tensor, rot_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -201,8 +224,9 @@ class Model(nn.Module):
                        dtype=dtype, device=device)
 
     def static_key(self, cache: KVCache) -> object | None:
-        """Decode steps depend on no per-sequence Python state: always capturable."""
-        return 0
+        """Decode steps depend on no per-sequence Python state but the prefix length (positions
+        subtract it): capturable, once per prefix length."""
+        return cache.prefix_len
 
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
@@ -305,3 +329,4 @@ def stop_ids(tok: ChatGLM2Tokenizer) -> frozenset[int]:
 
 INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
 SUPPORTS_SYSTEM = False
+CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,44 @@ def check_settings(hf: dict[str, Any], required: dict[str, tuple[Any, Any]], mod
             raise UnsupportedCheckpointError(
                 f"unsupported {model} config: {key} is {got!r}, llmchat needs {want!r}"
             )
+
+
+# (kind, lowest, highest) for a config.json value; kind int or float (finite)
+Range = tuple[type, float, float]
+BIG = 1 << 20  # generous bound for widths and counts that real checkpoints keep far below
+
+
+def check_values(hf: dict[str, Any], ranges: dict[str, Range], model: str, where: str = "") -> None:
+    """Each present (non-null) key must be a number of its kind within its range.
+
+    One rule for every size, count, id and epsilon, so that a hostile config.json fails here with
+    the key, its value and what is allowed, before anything is built from it."""
+    for key, (kind, lo, hi) in ranges.items():
+        got = hf.get(key)
+        if got is None:
+            continue
+        if kind is int:
+            ok = isinstance(got, int) and not isinstance(got, bool) and lo <= got <= hi
+            allowed = f"an integer from {lo:,} to {hi:,}"
+        else:
+            ok = (isinstance(got, (int, float)) and not isinstance(got, bool)
+                  and math.isfinite(got) and lo < got <= hi)
+            allowed = f"a finite number above {lo:g} and at most {hi:g}"
+        if not ok:
+            raise UnsupportedCheckpointError(
+                f"invalid {model} config.json: {where}{key} is {_show(got)}; it must be {allowed}"
+            )
+
+
+def require(ok: bool, model: str, what: str) -> None:
+    """A cross-field rule (divisibility, agreement): ``what`` says which keys and why."""
+    if not ok:
+        raise UnsupportedCheckpointError(f"invalid {model} config.json: {what}")
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def renamed(hf: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from base64 import b64decode
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,15 @@ from torch import Tensor, nn
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
 from llmchat.models.layers import (
+    BIG,
+    Range,
     RMSNorm,
     causal_attention,
     check_settings,
+    check_values,
     embedding,
     renamed,
+    require,
     require_keys,
 )
 from llmchat.types import Message, split_turns
@@ -108,8 +112,21 @@ class Config:
         "activation": ("swiglu", "swiglu"),
     }
 
+    _RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(("vocab_size", "padded_vocab_size"), (int, 1, BIG)),
+        **dict.fromkeys(("hidden_size", "n_embd"), (int, 1, 1 << 16)),
+        **dict.fromkeys(("num_hidden_layers", "n_layer"), (int, 1, 256)),
+        **dict.fromkeys(("num_attention_heads", "n_head"), (int, 1, 1024)),
+        **dict.fromkeys(("intermediate_size", "ffn_hidden_size"), (int, 2, BIG)),
+        **dict.fromkeys(("max_position_embeddings", "n_positions", "seq_length"), (int, 1, BIG)),
+        "kv_channels": (int, 4, 4096),
+        "layer_norm_epsilon": (float, 0.0, 1.0),
+        "rotary_emb_base": (float, 0.0, 1e9),
+    }
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Config:
+        check_values(hf, cls._RANGES, "Qwen")
         check_settings(hf, cls._REQUIRED, "Qwen")
         if hf.get("quantization_config"):
             raise UnsupportedCheckpointError(
@@ -133,13 +150,20 @@ class Config:
             )
         kw["rope_theta"] = float(kw.get("rope_theta", 10000.0))
         cfg = cls(**kw)
-        if cfg.kv_channels * cfg.num_heads != cfg.hidden_size:
-            raise UnsupportedCheckpointError(
-                "unsupported Qwen config: kv_channels * num_attention_heads must equal hidden_size"
-            )
-        if cfg.intermediate_size % 2:
-            raise UnsupportedCheckpointError("unsupported Qwen config: odd intermediate_size")
+        require(cfg.kv_channels * cfg.num_heads == cfg.hidden_size, "Qwen",
+                f"kv_channels {cfg.kv_channels} * num_attention_heads {cfg.num_heads} must "
+                f"equal hidden_size {cfg.hidden_size}")
+        require(cfg.kv_channels % 2 == 0, "Qwen", f"kv_channels {cfg.kv_channels} must be even")
+        require(cfg.intermediate_size % 2 == 0, "Qwen",
+                f"intermediate_size {cfg.intermediate_size} must be even")
+        require(cfg.vocab_size >= SPECIAL_START_ID + len(SPECIAL_TOKENS), "Qwen",
+                f"vocab_size {cfg.vocab_size} must hold the "
+                f"{SPECIAL_START_ID + len(SPECIAL_TOKENS)} tokenizer ids")
         return cfg
+
+    def layer_counts(self) -> dict[str, tuple[str, int]]:
+        """Checkpoint key prefix -> (config.json key, layers it says), checked against the keys."""
+        return {"transformer.h": ("num_hidden_layers", self.num_layers)}
 
 
 # -- long-context helpers ------------------------------------------------------------------------
@@ -259,6 +283,13 @@ class Model(nn.Module):
             return None
         return cache.meta.get("ntk_alpha", 1.0)
 
+    def kv_reusable(self, cache: KVCache, prompt_len: int) -> bool:
+        """Cached keys carry the rotary factor of the prompt they were computed for: reuse
+        them only while a new prompt of ``prompt_len`` tokens gets the same NTK alpha."""
+        cfg = self.config
+        alpha = ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        return alpha == cache.meta.get("ntk_alpha", 1.0)
+
     def forward(
         self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
     ) -> Tensor:
@@ -348,6 +379,13 @@ class QwenTokenizer:
         ranks = read_tiktoken_ranks(path)
         if max(ranks.values()) >= SPECIAL_START_ID or len(set(ranks.values())) != len(ranks):
             raise TokenizerError(f"{path}: ranks must be unique and below {SPECIAL_START_ID}")
+        if len(ranks) != SPECIAL_START_ID:  # unique and below it: then exactly 0..151642
+            # a cut file leaves ids the model emits without text (empty replies)
+            raise TokenizerError(
+                f"{path} has {len(ranks):,} token ranks; the Qwen vocabulary needs all "
+                f"{SPECIAL_START_ID:,} (ids 0..{SPECIAL_START_ID - 1}) besides the "
+                f"{len(SPECIAL_TOKENS)} special tokens: the file is cut short or not Qwen's"
+            )
         self.special = {tok: SPECIAL_START_ID + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(
             "qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special
@@ -430,6 +468,7 @@ def stop_ids(tok: QwenTokenizer) -> frozenset[int]:
 
 INVALID_FALLBACK_ID = None  # upstream has no nan/inf guard
 SUPPORTS_SYSTEM = True
+CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn
 # Upstream _decode_chatml cuts the reply's last token when no end token was generated (the
 # reply hit max_new_tokens); chat() shows and keeps that shorter reply, and so do we.
 DROP_LAST_TOKEN_AT_LENGTH = True

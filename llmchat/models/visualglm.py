@@ -45,6 +45,7 @@ from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
     postprocess,
     stop_ids,
 )
+from llmchat.models.layers import check_values
 from llmchat.types import Message, split_turns
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class Config(chatglm.Config):
             raise UnsupportedCheckpointError(
                 f"VisualGLM config.json: eva_config/qformer_config incomplete ({exc})"
             ) from None
-        n = int(hf.get("image_length", IMAGE_LENGTH))
+        check_values(hf, {"image_length": (int, 1, 4096)}, "VisualGLM")
+        n = hf.get("image_length") or IMAGE_LENGTH
         if n != qformer.num_queries:
             raise UnsupportedCheckpointError(
                 f"unsupported VisualGLM config: image_length {n} must equal the "
@@ -88,6 +90,15 @@ class Config(chatglm.Config):
             )
         base = {f.name: getattr(lm, f.name) for f in fields(lm)}
         return cls(**base, image_length=n, eva=eva, qformer=qformer)
+
+    def layer_counts(self) -> dict[str, tuple[str, int]]:
+        """Checkpoint key prefix -> (config.json key, layers it says), checked against the keys."""
+        return {
+            **super().layer_counts(),
+            "image_encoder.vit.transformer.layers": ("eva_config.num_layers", self.eva.num_layers),
+            "image_encoder.qformer.transformer.layers": (
+                "qformer_config.num_layers", self.qformer.num_layers),
+        }
 
 
 class Model(chatglm.Model):
