@@ -91,3 +91,18 @@ def test_continue_with_empty_log_and_unknown_cid() -> None:
     assert r.returncode != 0 and "empty" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(["ask", "--cid", "nope", "hi"])
     assert r.returncode != 0 and "nope" in r.stderr
+
+
+def test_two_processes_writing_at_once_both_land() -> None:
+    code = ("import sys\nfrom llmchat import logs\nfrom llmchat.types import ReplyStats\n"
+            "lg = logs.Logger(model='m', model_path=None, options={})\n"
+            "for i in range(30):\n"
+            "    lg.log(sys.argv[1], f'q{i}', None, 'r', ReplyStats(total_s=0.1), {})\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, cid], env=env,
+                              stderr=subprocess.PIPE, text=True) for cid in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "warning" not in err, err
+    db = logs.connect()
+    assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 60
