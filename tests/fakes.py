@@ -53,3 +53,15 @@ class FakeChatModel(ChatModel):
             stats.completion_tokens += 1
             yield d
         self.completed += 1
+
+
+def pyte_screen(raw: str, width: int, rows: int = 400) -> list[str]:
+    """What a terminal of ``width`` columns shows after ``raw`` (trailing blank lines cut)."""
+    import pyte
+
+    sc = pyte.Screen(width, rows)
+    pyte.Stream(sc).feed(raw.replace("\n", "\r\n"))
+    lines = [line.rstrip() for line in sc.display]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines

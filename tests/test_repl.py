@@ -21,7 +21,7 @@ from llmchat.errors import UsageError
 from llmchat.repl import COMMANDS, Repl, run_repl
 from llmchat.types import GenerationConfig, Message
 from llmchat.ui import ChatUI, MarkdownStream
-from tests.fakes import FakeChatModel
+from tests.fakes import FakeChatModel, pyte_screen
 
 Line = str | BaseException
 
@@ -471,15 +471,8 @@ def test_cjk_shows_each_character_as_it_arrives() -> None:
 
 
 def test_streamed_screen_equals_one_shot_render() -> None:
-    pyte = pytest.importorskip("pyte")
-
-    def screen(raw: str, width: int) -> list[str]:
-        sc = pyte.Screen(width, 400)
-        pyte.Stream(sc).feed(raw.replace("\n", "\r\n"))
-        lines = [line.rstrip() for line in sc.display]
-        while lines and not lines[-1]:
-            lines.pop()
-        return lines
+    pytest.importorskip("pyte")
+    screen = pyte_screen
 
     con, buf = console(terminal=True, width=60)  # 30 rows: the 40-item list overflows it
     stream = MarkdownStream(con)

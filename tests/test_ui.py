@@ -15,7 +15,7 @@ from llmchat.cli import app
 from llmchat.repl import run_repl
 from llmchat.termsafe import visible
 from llmchat.ui import ChatUI
-from tests.fakes import FakeChatModel
+from tests.fakes import FakeChatModel, pyte_screen
 
 EVIL = "\x1b]2;EVIL\x1b\\"
 
@@ -255,13 +255,8 @@ def test_markdown_stream_costs_about_what_plain_does() -> None:
 
 
 def _screen(raw: str, width: int) -> list[str]:
-    pyte = pytest.importorskip("pyte")
-    sc = pyte.Screen(width, 200)
-    pyte.Stream(sc).feed(raw.replace("\n", "\r\n"))
-    lines = [line.rstrip() for line in sc.display]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
+    pytest.importorskip("pyte")
+    return pyte_screen(raw, width, 200)
 
 
 def test_incremental_stream_leaves_the_one_shot_screen() -> None:
