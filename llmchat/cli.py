@@ -449,8 +449,10 @@ def attach_log(opts: RunOptions, model: ChatModel, conv: Conversation) -> None:
     )
 
     def log(c: Conversation, question: Any, reply: Reply) -> None:
-        logger.log(c.id, question.content, c.system, reply.text, reply.stats,
-                   c.config.to_dict(), image=question.image)
+        # the P-tuning prefix active for this turn (/prefix may switch it mid-chat)
+        settings = {**c.config.to_dict(), "ptuning_prefix": model.info.extra.get("prefix")}
+        logger.log(c.id, question.content, c.system, reply.text, reply.stats, settings,
+                   image=question.image)
 
     conv.log = log
 

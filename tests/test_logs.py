@@ -106,3 +106,26 @@ def test_two_processes_writing_at_once_both_land() -> None:
         assert p.returncode == 0 and "warning" not in err, err
     db = logs.connect()
     assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 60
+
+
+def test_each_logged_turn_records_the_active_prefix() -> None:
+    import sqlite3
+
+    from llmchat import logs
+    from llmchat.cli import RunOptions, attach_log
+    from llmchat.conversation import Conversation
+    from llmchat.types import GenerationConfig
+    from tests.fakes import FakeChatModel
+
+    model = FakeChatModel()
+    opts = RunOptions(model=None, model_path="/m", device="cpu", dtype="auto", quant="16",
+                      settings={}, verbose=False, debug=False)
+    conv = Conversation(model, GenerationConfig())
+    attach_log(opts, model, conv)
+    conv.send("one").consume()
+    model.info.extra["prefix"] = "ckpt-300 (P-tuning v2, 128 tokens)"
+    conv.send("two").consume()
+    db = sqlite3.connect(logs.db_path())
+    rows = db.execute("SELECT prompt, options FROM responses ORDER BY rowid").fetchall()
+    got = {p: json.loads(o)["ptuning_prefix"] for p, o in rows}
+    assert got == {"one": None, "two": "ckpt-300 (P-tuning v2, 128 tokens)"}
