@@ -238,7 +238,8 @@ class TransformerChatModel(ChatModel):
         return len(self.encode(messages))
 
     # -- generation -----------------------------------------------------------------------
-    def _get_cache(self, ids: list[int], total: int) -> tuple[KVCache, int]:
+    def _get_cache(self, ids: list[int], total: int, *, reuse: bool = True
+                   ) -> tuple[KVCache, int]:
         """A cache for the prompt ``ids`` that may grow to ``total`` positions, and how many of
         the prompt's first tokens it already holds (the longest common prefix with what the
         last reply left there, when the prompt is causal). A new cache starts at the prompt
@@ -248,7 +249,7 @@ class TransformerChatModel(ChatModel):
         total += p  # the prefix takes the first cache slots (positions do not count it)
         start = min(total, -(-(prompt + p + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
         cache, kept = self._cache, 0
-        if cache is not None and self.kv_reuse and self._kv_ids:
+        if cache is not None and reuse and self.kv_reuse and self._kv_ids:
             kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
             reusable = getattr(self.model, "kv_reusable", None)
             if kept and reusable is not None and not reusable(cache, prompt):
@@ -325,8 +326,8 @@ class TransformerChatModel(ChatModel):
                 prefill: Any) -> Iterator[str]:
         stats = reply.stats
         t0 = time.perf_counter()
-        cache, cached = self._get_cache(ids, len(ids) + max_new) if prefill is None else (
-            self._get_cache([], len(ids) + max_new))
+        # a custom prefill (VisualGLM's image splice) computes the whole prompt itself
+        cache, cached = self._get_cache(ids, len(ids) + max_new, reuse=prefill is None)
         stats.cached_tokens = cached
         self._kv_ids = []  # until this reply leaves the cache consistent
         step = self.decode_step(cache)
