@@ -382,6 +382,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
         )
         if "prefix" in i.extra:
             err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
+        if "prefill_path" in i.extra:
+            err_console().print(f"[dim]prefill: {escape(str(i.extra['prefill_path']))}[/]")
     return model
 
 

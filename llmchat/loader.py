@@ -443,6 +443,9 @@ def build_model(
             device=device,
             skip=contract(module).quant_skip,
         )
+    from llmchat.prefill import prepare_prefill
+
+    prepare_prefill(net, module.QUANT_LINEARS, device, dtype)  # CPU bf16: fp32 prompts
     load_weights(
         net,
         tensors,
@@ -526,6 +529,7 @@ def load(
         peak_rss_bytes=peak_rss_bytes(),
     )
     info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra.update(getattr(net, "prefill_extra", {}))  # CPU bf16 prompt path, likewise
     info.extra["threads"] = n_threads
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
