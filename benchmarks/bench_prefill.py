@@ -64,6 +64,7 @@ class Layer:
         self.q4 = [quantize_weight(w, 4) for w in self.w32]
         self.q4_kernel = [_pack_cpu(q) for q, _ in self.q4]
         self.buf = torch.empty(max(k * n for k, n in SHAPES))
+        self.buf_bf16 = torch.empty(self.buf.numel(), dtype=torch.bfloat16)
         self.ones = {n: torch.ones(n, dtype=torch.bfloat16) for _, n in SHAPES}
         self.group = {k: next(g for g in (256, 128, 64, 32) if k % g == 0) for k, _ in SHAPES}
         self.tables = {}
@@ -74,6 +75,9 @@ class Layer:
 
     def scratch(self, n: int, k: int) -> torch.Tensor:
         return self.buf[: n * k].view(n, k)
+
+    def scratch_bf16(self, n: int, k: int) -> torch.Tensor:
+        return self.buf_bf16[: n * k].view(n, k)
 
     # each path maps bf16 activations (rows, k) to bf16 outputs, for layer i
     def bf16(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,8 @@ class Layer:
 
     def int8_bf16(self, i: int, x: torch.Tensor) -> torch.Tensor:
         q, s = self.q8[i]
-        return F.linear(x, (q.float() * s.float()[:, None]).bfloat16())
+        w = self.scratch(*q.shape).copy_(q).mul_(s.float()[:, None])
+        return F.linear(x, self.scratch_bf16(*q.shape).copy_(w))
 
     def int8_fp32(self, i: int, x: torch.Tensor) -> torch.Tensor:
         q, s = self.q8[i]
@@ -107,15 +112,22 @@ class Layer:
                                                        self.tables[(k, n)])
         return (y.float() * self.q4[i][1].float()).bfloat16()
 
-    def int4_bf16(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def dequant4(self, i: int) -> torch.Tensor:
+        """Upstream packed int4 -> fp32 ``q * scale`` in the scratch buffer (no big temps)."""
         q, s = self.q4[i]
-        return F.linear(x, (unpack_int4(q).float() * s.float()[:, None]).bfloat16())
+        n, half = q.shape
+        w = self.scratch(n, 2 * half)
+        pairs = w.view(n, half, 2)
+        pairs[..., 0].copy_(q >> 4)  # high nibble: the even column (arithmetic shift)
+        pairs[..., 1].copy_((q << 4) >> 4)
+        return w.mul_(s.float()[:, None])
+
+    def int4_bf16(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequant4(i)
+        return F.linear(x, self.scratch_bf16(*w.shape).copy_(w))
 
     def int4_fp32(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        q, s = self.q4[i]
-        n, k = q.shape[0], q.shape[1] * 2
-        buf = self.scratch(n, k).copy_(unpack_int4(q)).mul_(s.float()[:, None])
-        return F.linear(x.float(), buf).bfloat16()
+        return F.linear(x.float(), self.dequant4(i)).bfloat16()
 
 
 def _pack_cpu(q: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ the converter's own ``ChatGLMModel`` whose vocabulary step is the converter's Se
 reader (``_set_vocab_sentencepiece`` on ``tokenizer.model``); weights and graph are unchanged,
 and the token ids are fed directly, so no tokenizer runs during the timing.
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary :all: --no-deps \\
-        llama-cpp-python && pip install diskcache jinja2     # or: pip install 'llmchat[bench]'
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary llama-cpp-python \\
+        'llmchat[bench]'                       # llama-cpp-python, built from source for this CPU
     python -m benchmarks.compare_llamacpp [--layers 4] [--threads 2] [--rounds 3] [--work DIR]
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary :all: '
-           "--no-deps llama-cpp-python && pip install diskcache jinja2")
+INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary '
+           "llama-cpp-python 'llmchat[bench]'  (builds llama.cpp from source for this CPU)")
 # name -> (GGUF file type, llmchat --quant, llmchat --dtype)
 PAIRS = {"f16": ("F16", 16, "bfloat16"), "q8_0": ("Q8_0", 8, "auto"), "q4_0": ("Q4_0", 4, "auto")}
 LLMCHAT_NAME = {16: "bf16", 8: "int8", 4: "int4"}
@@ -278,7 +278,8 @@ class Side:
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compare_llamacpp", *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                                     cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                                         LLMCHAT_QUANT_CACHE="0"))
         self.info = self._read()
         self.prefill: list[float] = []
         self.decode: list[float] = []
