@@ -331,13 +331,11 @@ def compare(name: str, gguf_file: Path, hf: Path, args: argparse.Namespace) -> d
              Side("llmchat", ["--worker", "llmchat", "--path", str(hf), "--quant", str(bits),
                               "--dtype", dtype, *common])]
     try:
+        # one untimed prefill each (also the warm-up): the same last-position logits?
         agree = cosine(sides[0].ask("logits")["logits"], sides[1].ask("logits")["logits"])
-        for r in range(args.rounds + 1):  # round 0 warms both up and is not counted
+        for r in range(args.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:
                 side.round()
-                if r == 0:
-                    side.prefill.clear()
-                    side.decode.clear()
     finally:
         for side in sides:
             side.close()
