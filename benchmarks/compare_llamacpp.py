@@ -271,6 +271,12 @@ def worker(args: argparse.Namespace) -> None:
             break
 
 
+def _env() -> dict[str, str]:
+    """The workers' environment: this checkout first on the path, no quantized-weights cache."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, LLMCHAT_QUANT_CACHE="0")
+
+
 class Side:
     """One worker process and its measurements."""
 
@@ -278,8 +284,7 @@ class Side:
         self.name = name
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compare_llamacpp", *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
-                                                         LLMCHAT_QUANT_CACHE="0"))
+                                     cwd=REPO, env=_env())
         self.info = self._read()
         self.prefill: list[float] = []
         self.decode: list[float] = []
@@ -402,7 +407,10 @@ def main() -> None:
             print(f"  {PAIRS[name][0]} GGUF: {tensor_types(src, files[name])}", flush=True)
             rows.append(compare(name, files[name], hf, args))
             r = rows[-1]
-            print(f"  {r['pair']}: {r['llmchat']}; logits cosine {r['logits_cosine']:.4f}",
+            print(f"  {r['pair']}: {r['llmchat']}; logits cosine {r['logits_cosine']:.4f}\n"
+                  f"    decode {r['llama_cpp_decode_ms']:.0f} / {r['llmchat_decode_ms']:.0f} ms"
+                  f"/token ({r['decode_ratio']:.2f}x), prefill {r['llama_cpp_prefill_tok_s']:.1f}"
+                  f" / {r['llmchat_prefill_tok_s']:.1f} tok/s ({r['prefill_ratio']:.2f}x)",
                   flush=True)
     finally:
         if not args.work:
