@@ -741,7 +741,7 @@ def image(
 ) -> None:
     """Chat about a picture with VisualGLM-6B."""
     opts.validate()
-    from llmchat.models.visualglm import check_image
+    from llmchat.images import check_image
 
     check_image(path)
     if question is None:

@@ -426,13 +426,9 @@ class Repl:
         path = Path(arg).expanduser()
         notes: list[Any] = []
         try:
-            try:  # VisualGLM validates images itself when it can
-                from llmchat.models.visualglm import check_image
-            except ImportError:
-                if not path.is_file():
-                    raise ImageError(f"{path} is not a file") from None
-            else:
-                notes = getattr(check_image(path), "notes", None) or []
+            from llmchat.images import check_image
+
+            notes = list(check_image(path).notes)
         except LLMChatError as exc:
             self.ui.error(f"Cannot use this image: {exc}")
             return

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llmchat import images
 from llmchat.errors import ImageError, UnsupportedCheckpointError
 from llmchat.models import blip2, chatglm, visualglm
 from llmchat.types import GenerationConfig, Message
@@ -443,38 +444,38 @@ def truncated(path: Path, fmt: str) -> Path:
 def test_bad_images_get_one_clear_line(tmp_path: Path, make, match) -> None:  # type: ignore[no-untyped-def]
     path = make(tmp_path)
     with pytest.raises(ImageError, match=match) as info:
-        visualglm.check_image(path)
+        images.check_image(path)
     assert "\n" not in str(info.value)
 
 
 def test_animated_gif_uses_the_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
-    info = visualglm.check_image(tmp_path / "a.gif")
+    info = images.check_image(tmp_path / "a.gif")
     assert info.frames == 3 and any("first frame" in n for n in info.notes)
-    assert visualglm.load_image(tmp_path / "a.gif").getpixel((8, 8)) == (255, 0, 0)
+    assert images.load_image(tmp_path / "a.gif").getpixel((8, 8)) == (255, 0, 0)
 
 
 def test_mode_conversions_are_documented_and_as_upstream(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    img, info = visualglm.open_image(tmp_path / "rgba.png")
+    img, info = images.open_image(tmp_path / "rgba.png")
     assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgba[..., :3])  # alpha dropped
     assert any("transparency" in n for n in info.notes)
 
     Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
-    img, info = visualglm.open_image(tmp_path / "cmyk.jpg")
+    img, info = images.open_image(tmp_path / "cmyk.jpg")
     assert img.mode == "RGB" and any("CMYK" in n for n in info.notes)
     assert img.getpixel((4, 4))[1] < 30 and img.getpixel((4, 4))[0] > 200  # magenta-ish
 
     for mode in ("L", "P", "1", "LA"):
         Image.new(mode, (8, 8)).save(tmp_path / f"m{mode}.png")
-        assert visualglm.load_image(tmp_path / f"m{mode}.png").mode == "RGB"
+        assert images.load_image(tmp_path / f"m{mode}.png").mode == "RGB"
 
     grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     Image.fromarray(grey16).save(tmp_path / "g16.png")
-    img, info = visualglm.open_image(tmp_path / "g16.png")
+    img, info = images.open_image(tmp_path / "g16.png")
     got = np.asarray(img)[..., 0].astype(int)
     np.testing.assert_allclose(got, np.rint(grey16 / 257.0), atol=1)  # scaled, not clipped
     assert any("8 bits" in n for n in info.notes)
