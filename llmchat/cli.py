@@ -767,17 +767,27 @@ def serve(
     max_queue: Annotated[
         int | None, typer.Option(min=0, help="Requests that may wait for the model (more: 429)")
     ] = None,
+    allow_local_images: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="VisualGLM: also accept file:// URLs / absolute paths "
+                     "of images inside DIR (default: data: URIs only)"),
+    ] = None,
+    no_log: NoLogOpt = False,
     opts: RunOptions,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     opts.validate()
-    from llmchat.server import require_serve_deps
+    from llmchat.server import check_image_dir, require_serve_deps
     from llmchat.server import serve as run_server
 
     require_serve_deps()
+    if allow_local_images is not None:
+        check_image_dir(allow_local_images)
     model = load_model(opts, default_model="chatglm2-6b")
     run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
-               max_queue=max_queue)
+               max_queue=max_queue, allow_local_images=allow_local_images,
+               conversation_log=not no_log,
+               requested={"device": opts.device, "dtype": opts.dtype, "quant": opts.quant})
 
 
 @app.command()

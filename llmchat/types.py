@@ -137,6 +137,9 @@ class Reply:
                  *, dropped_turns: int = 0) -> None:
         self.stats = stats or ReplyStats(finish_reason="interrupted")
         self.dropped_turns = dropped_turns  # oldest turns left out to fit the context budget
+        # True: also yield "" for a token that adds no text yet, so a consumer (the server) can
+        # stop the generation within one token
+        self.every_token = False
         self.done = False
         self._parts: list[str] = []
         self._text: str | None = None

@@ -69,7 +69,8 @@ def start_server(model_dir: Path, log: Path, *extra: str,
                  env: dict[str, str] | None = None) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if k != "LLMCHAT_API_KEY"}
-    full_env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                 "LLMCHAT_HOME": str(log.parent / "llmchat-home"), **(env or {})}
     with log.open("wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmchat", "serve", "-p", str(model_dir), *CPU,
@@ -290,7 +291,9 @@ U = {"role": "user", "content": "hi"}
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-         "messages[0].content"),
+         "messages[0].content[0]"),  # ChatGLM2 takes no images
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400,
+         "messages[0].content[0]"),
         ({"messages": [U, {"role": "assistant", "content": "a"}]}, 400, "messages"),
         ({"messages": [{"role": "system", "content": "be brief"}, U]}, 400, "messages"),
         ({"messages": [U], "n": 2}, 400, "n"),

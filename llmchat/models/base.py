@@ -358,7 +358,7 @@ class TransformerChatModel(ChatModel):
             delta = decoder.push(token)
             stats.total_s = time.perf_counter() - t0
             stats.decode_s = stats.total_s - stats.ttft_s
-            if delta:
+            if delta or reply.every_token:
                 yield delta
         stats.finish_reason = "length" if stats.completion_tokens >= max_new else "stop"
         tail = ""
