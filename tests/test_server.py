@@ -545,6 +545,8 @@ def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # 
     assert data["model"] == "chatglm2-6b"
     assert data["reply"] == greedy(reference, [Message("user", "hello")], 8)
     assert data["completion_tokens"] == 8 and data["finish_reason"] == "length"
+    # "[Round 1]\n\n问：" is still cached from the request before (the server reports it)
+    assert 0 < data["cached_tokens"] < data["prompt_tokens"]
 
     res = run_client(["chat", *greedy_args], stdin="你好\n北京\n")
     assert res.returncode == 0, res.stderr
