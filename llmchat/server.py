@@ -10,7 +10,14 @@ One generation runs at a time: an asyncio lock sits in front of the model and ea
 produced in one worker thread, which streams its deltas back to the event loop. ``max_queue``
 bounds how many requests may wait behind the running one (more get 429 with ``Retry-After``).
 A client that goes away mid-reply sets the generation's cancel flag; the worker sees it after
-the next delta and closes the ``Reply`` (from its own thread), which frees the model at once.
+the next token (``Reply.every_token``: also tokens that add no text yet) and closes the
+``Reply`` from its own thread, which frees the model at once. Stop strings are cut in the
+worker too, so the generation ends at the token that completes one.
+
+Across requests the model keeps the KV cache of the last prompt and reply (ChatGLM2, Qwen), so a
+conversation re-sent with one more turn prefills only its new tokens; the reused count is
+``usage.prompt_tokens_details.cached_tokens``. VisualGLM's ``image_url`` parts: see
+``ImagePolicy``. Complete replies go to the conversation log (``TurnLog``).
 """
 
 from __future__ import annotations
@@ -98,7 +105,10 @@ class ImageStore:
         import tempfile
 
         if self.dir is None:
+            import atexit
+
             self.dir = tempfile.mkdtemp(prefix="llmchat-serve-images-")
+            atexit.register(self.close)
         return os.path.join(self.dir, f"{digest}.{fmt.lower()}")
 
     def put(self, uploads: dict[str, bytes]) -> None:
