@@ -379,27 +379,38 @@ def test_serve_no_log_and_a_failing_log(model_dir: Path, tmp_path: Path, referen
     from llmchat.cli import app
 
     seen: list[dict[str, object]] = []
-    monkeypatch.setattr(srv, "serve", lambda model, **kw: seen.append(kw))
-    for extra in ([], ["--no-log"]):
-        res = CliRunner().invoke(app, ["serve", "-p", str(model_dir), *CPU, *extra])
-        assert res.exit_code == 0, res.output
+    with pytest.MonkeyPatch.context() as mp:  # (not monkeypatch.undo: it drops the isolation)
+        mp.setattr(srv, "serve", lambda model, **kw: seen.append(kw))
+        for extra in ([], ["--no-log"]):
+            res = CliRunner().invoke(app, ["serve", "-p", str(model_dir), *CPU, *extra])
+            assert res.exit_code == 0, res.output
     assert [kw["conversation_log"] for kw in seen] == [True, False]
-    monkeypatch.undo()
 
-    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 3}
-    logs.set_enabled(False)  # `llmchat logs off` is honoured
+    def complete(tc: TestClient) -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                "max_tokens": 3}
+        r = tc.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        deadline = time.monotonic() + 10  # the log is written after the reply is sent
+        while tc.get("/health").json()["busy"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    home = Path(os.environ["LLMCHAT_HOME"])
+    assert home.is_relative_to(tmp_path)  # never the user's own log
     with TestClient(srv.create_app(reference, log=srv.TurnLog(reference))) as tc:
-        assert tc.post("/v1/chat/completions", json=body).status_code == 200
-    assert not logs.db_path().exists()
-    logs.set_enabled(True)
+        logs.set_enabled(False)  # `llmchat logs off` is honoured
+        complete(tc)
+        assert not logs.db_path().exists()
+        logs.set_enabled(True)
+        complete(tc)
+        assert [r["prompt"] for r in logs.responses(logs.connect(), n=5)] == ["hi"]
 
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LLMCHAT_HOME", str(tmp_path / "file" / "home"))  # cannot be created
     capfd.readouterr()
     with TestClient(srv.create_app(reference, log=srv.TurnLog(reference))) as tc:
         for _ in range(2):
-            r = tc.post("/v1/chat/completions", json=body)
-            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+            complete(tc)
     err = capfd.readouterr().err
     assert err.count("warning:") == 1, err
 
