@@ -297,14 +297,14 @@ def test_max_tokens_is_capped_by_the_context_budget(reference) -> None:  # noqa:
 def test_every_token_gives_the_consumer_a_turn(reference) -> None:  # noqa: ANN001
     """The server stops a reply within one token of a cancel: with ``every_token`` the stream
     yields once per generated token, even where the token adds no text yet."""
-    config = reference.defaults.with_(temperature=0, max_new_tokens=300)
-    reply = reference.generate([Message("user", "你好")], config)
+    config = reference.defaults.with_(temperature=0, max_new_tokens=40)
+    reply = reference.generate([Message("user", "写一首诗")], config)
     reply.every_token = True
     deltas = list(reply)
     n = reply.stats.completion_tokens
     assert n <= len(deltas) <= n + 1  # + the final flush
     assert "".join(deltas) == reply.text
-    plain = reference.generate([Message("user", "你好")], config)
+    plain = reference.generate([Message("user", "写一首诗")], config)
     assert len([d for d in plain]) < n  # some tokens add no text on their own
 
 
