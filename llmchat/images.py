@@ -5,15 +5,23 @@ Every refusal is an ``ImageError`` with one line: missing or non-regular files, 
 is fetched), data that is no image, truncated or corrupt data, over-large images (pixel count,
 decompression-bomb guard) and over-large ``data:`` payloads. The model's own preprocessing
 (resize, normalise) stays in ``llmchat.models.blip2.preprocess``.
+
+For ``llmchat serve``: ``read_image_url`` turns an OpenAI ``image_url`` into bytes (``data:``
+URIs; local files only inside an allowed folder; never the network) and ``ImageFiles`` keeps
+what clients sent as private files for the model to read.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import os
 import re
+import stat
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: larger images are refused
 MAX_DATA_BYTES = 16 * 1024 * 1024  # a decoded data: URI image
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a file read for a client (--allow-local-images)
 EXTENSIONS_HINT = "PNG, JPEG, GIF, BMP, WebP, TIFF"
 # What images sent over the network may be (Pillow's format names; a phone's MPO opens as
 # JPEG). Local files given on the command line may be any format Pillow reads; what a client
@@ -33,6 +42,10 @@ EXTENSIONS_HINT = "PNG, JPEG, GIF, BMP, WebP, TIFF"
 NETWORK_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),",
                        re.ASCII)
+
+
+class ImageRefused(ImageError):
+    """An image source that is not allowed: a URL to fetch, a path outside the allowed folder."""
 
 
 @dataclass
@@ -169,3 +182,102 @@ def check_image(source: str | Path | bytes, *, formats: Sequence[str] | None = N
                 name: str | None = None) -> ImageInfo:
     """Validate an image before it is attached; its ``notes`` say how it will be converted."""
     return open_image(source, formats=formats, name=name)[1]
+
+
+# -- images that clients send (llmchat serve) ------------------------------------------------
+def read_image_url(url: str, allow_dir: Path | None) -> tuple[bytes, str | None]:
+    """The bytes of an OpenAI ``image_url``: a ``data:`` URI, or (only when ``allow_dir`` is
+    given) a ``file://`` URL or absolute path inside that folder after resolving symlinks;
+    ``http(s)`` is always ``ImageRefused`` (nothing is fetched). Returns the bytes and, for a
+    file, its resolved path."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return decode_data_uri(url), None
+    if scheme in ("http", "https"):
+        raise ImageRefused("image URLs are not fetched (the server makes no network requests): "
+                           "send the image as a data:image/...;base64 URI")
+    if scheme != "file" and not url.startswith("/"):
+        raise ImageRefused("an image must be a data:image/...;base64 URI"
+                           + (" or a file:// URL / absolute path in the --allow-local-images "
+                              "folder" if allow_dir else ""))
+    if allow_dir is None:
+        raise ImageRefused("local image paths are refused: only data: URIs are accepted unless "
+                           "the server runs with --allow-local-images DIR")
+    raw = url
+    if scheme == "file":
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageRefused(f"file URL for host {parts.netloc!r} refused: only local files "
+                               "are read")
+        raw = unquote(parts.path)
+    try:
+        real = Path(raw).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        raise ImageError(f"image not found: {raw}") from None
+    if not real.is_relative_to(allow_dir):
+        raise ImageRefused(f"{raw} is outside the --allow-local-images folder")
+    try:  # no symlink now, no blocking on a FIFO
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageError(f"cannot read {raw}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{raw} is not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{raw} is over {_size(MAX_FILE_BYTES)}")
+        return f.read(MAX_FILE_BYTES + 1), str(real)
+
+
+class ImageFiles:
+    """Images a client sent, kept as private files named by their sha256 in a folder of this
+    process's own (0700, removed at exit), so that VisualGLM reads them exactly as
+    ``llmchat image`` reads a file and a conversation that sends the same image every turn
+    reuses its embeddings. Only the newest ``keep`` stay: ``put`` (one thread at a time: the
+    server's generation thread) writes and drops them, so the running reply's file stays."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self.dir: str | None = None
+        self.recent: OrderedDict[str, None] = OrderedDict()
+
+    def path(self, data: bytes, fmt: str) -> tuple[str, str]:
+        """Where ``data`` will be kept, and its sha256."""
+        if self.dir is None:
+            import atexit
+            import tempfile
+
+            self.dir = tempfile.mkdtemp(prefix="llmchat-images-")
+            atexit.register(self.close)
+        digest = hashlib.sha256(data).hexdigest()
+        return os.path.join(self.dir, f"{digest}.{fmt.lower()}"), digest
+
+    def put(self, files: dict[str, bytes]) -> None:
+        import uuid
+
+        for path, data in files.items():
+            if not os.path.exists(path):
+                tmp = f"{path}.{uuid.uuid4().hex}.part"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            self.recent[path] = None
+            self.recent.move_to_end(path)
+        while len(self.recent) > max(self.keep, len(files)):
+            old, _ = self.recent.popitem(last=False)
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        import shutil
+
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self.recent.clear()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmchat.errors import ContextOverflowError, ImageError, LLMChatError, UsageError
+from llmchat.images import ImageFiles
 from llmchat.types import GenerationConfig, Message, ReplyStats
 
 if TYPE_CHECKING:
@@ -88,142 +89,33 @@ class ChatRequest:
     image_refs: dict[str, str] = field(default_factory=dict)
 
 
-class ImageStore:
-    """Images that came as ``data:`` URIs (or were read from ``--allow-local-images``), kept as
-    private files named by their sha256 in a folder of the server's own (0700, removed at exit)
-    so that VisualGLM reads them exactly as ``llmchat image`` reads a file, and a conversation
-    that sends the same image every turn reuses its embeddings. Only the newest ``keep`` stay;
-    files are written and dropped in the generation thread, so the running reply's stays."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self.dir: str | None = None
-        self.recent: OrderedDict[str, None] = OrderedDict()
-
-    def path(self, digest: str, fmt: str) -> str:
-        import os
-        import tempfile
-
-        if self.dir is None:
-            import atexit
-
-            self.dir = tempfile.mkdtemp(prefix="llmchat-serve-images-")
-            atexit.register(self.close)
-        return os.path.join(self.dir, f"{digest}.{fmt.lower()}")
-
-    def put(self, uploads: dict[str, bytes]) -> None:
-        import os
-
-        for path, data in uploads.items():
-            if not os.path.exists(path):
-                tmp = f"{path}.{uuid.uuid4().hex}.part"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            self.recent[path] = None
-            self.recent.move_to_end(path)
-        while len(self.recent) > max(self.keep, len(uploads)):
-            old, _ = self.recent.popitem(last=False)
-            try:
-                os.unlink(old)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        import shutil
-
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-        self.recent.clear()
-
-
 @dataclass
 class ImagePolicy:
-    """Where images may come from: ``data:`` URIs always; files only inside ``allow_dir``."""
+    """Where a request's images may come from: ``data:`` URIs always, files only inside
+    ``allow_dir`` (``--allow-local-images``), never the network. Each image is checked as
+    ``llmchat image`` checks a file, then kept in ``store`` for the model to read."""
 
-    store: ImageStore = field(default_factory=ImageStore)
+    store: ImageFiles = field(default_factory=ImageFiles)
     allow_dir: Path | None = None
-    max_local_bytes: int = 64 * 1024 * 1024
 
     def resolve(self, url: Any, param: str, req: ChatRequest) -> str:
         """The path the model reads for this image (registered in ``req``)."""
-        import hashlib
-
         from llmchat import images
 
         if not isinstance(url, str) or not url:
             raise APIError(400, "an image_url part needs a 'url' string", param=param)
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
-            try:
-                data = images.decode_data_uri(url)
-            except ImageError as exc:
-                raise APIError(400, str(exc), param=param) from None
-            ref = None
-        elif scheme in ("http", "https"):
-            raise APIError(400, "image URLs are not fetched (the server makes no network "
-                           "requests): send the image as a data:image/...;base64 URI",
-                           param=param, code="image_url_refused")
-        elif scheme == "file" or url.startswith("/"):
-            data, ref = self.read_local(url, param)
-        else:
-            raise APIError(400, "an image must be a data:image/...;base64 URI"
-                           + (" or a file:// URL / absolute path in the --allow-local-images "
-                              "folder" if self.allow_dir else ""),
-                           param=param, code="image_url_refused")
         try:
+            data, ref = images.read_image_url(url, self.allow_dir)
             info = images.check_image(data, formats=images.NETWORK_FORMATS,
                                       name=f"the image in {param}")
+        except images.ImageRefused as exc:
+            raise APIError(400, str(exc), param=param, code="image_url_refused") from None
         except ImageError as exc:
             raise APIError(400, str(exc), param=param) from None
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.store.path(digest, info.format)
+        path, digest = self.store.path(data, info.format)
         req.uploads[path] = data
         req.image_refs[path] = ref or f"sha256:{digest}"
         return path
-
-    def read_local(self, url: str, param: str) -> tuple[bytes, str]:
-        import os
-        from urllib.parse import unquote, urlsplit
-
-        if self.allow_dir is None:
-            raise APIError(400, "local image paths are refused: only data: URIs are accepted "
-                           "unless the server runs with --allow-local-images DIR",
-                           param=param, code="image_url_refused")
-        if url.startswith("/"):
-            raw = url
-        else:
-            parts = urlsplit(url)
-            if parts.netloc not in ("", "localhost"):
-                raise APIError(400, f"file URL for host {parts.netloc!r} refused: only local "
-                               "files are read", param=param, code="image_url_refused")
-            raw = unquote(parts.path)
-        try:
-            real = Path(raw).resolve(strict=True)
-        except (OSError, RuntimeError, ValueError):
-            raise APIError(400, f"image not found: {raw}", param=param) from None
-        if not real.is_relative_to(self.allow_dir):
-            raise APIError(400, f"{raw} is outside the --allow-local-images folder",
-                           param=param, code="image_url_refused")
-        try:
-            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-                         | getattr(os, "O_NONBLOCK", 0))
-        except OSError as exc:
-            raise APIError(400, f"cannot read {raw}: {exc.strerror or exc}", param=param
-                           ) from None
-        with os.fdopen(fd, "rb") as f:
-            import stat
-
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise APIError(400, f"{raw} is not a regular file", param=param)
-            if st.st_size > self.max_local_bytes:
-                raise APIError(400, f"{raw} is over {self.max_local_bytes // 2**20} MiB",
-                               param=param)
-            data = f.read(self.max_local_bytes + 1)
-        return data, str(real)
 
 
 def _content(value: Any, i: int, role: str, model: ChatModel, images: ImagePolicy,

@@ -91,3 +91,22 @@ def test_bad_data_uris(text: str, match: str) -> None:
     with pytest.raises(ImageError, match=match) as info:
         images.decode_data_uri(text, max_bytes=1000 if "AAAA" in text else 1 << 20)
     assert "\n" not in str(info.value)
+
+
+def test_image_files_are_private_bounded_and_removed() -> None:
+    import os
+    import stat
+
+    files = images.ImageFiles(keep=2)
+    blobs = [png_bytes(8 + i, 8) for i in range(3)]
+    paths = [files.path(b, "PNG")[0] for b in blobs]
+    assert files.path(blobs[0], "PNG")[0] == paths[0]  # named by content
+    for p, b in zip(paths, blobs, strict=True):
+        files.put({p: b})
+    assert stat.S_IMODE(os.stat(files.dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(paths[2]).st_mode) == 0o600
+    assert [os.path.exists(p) for p in paths] == [False, True, True]  # the oldest went
+    assert open(paths[2], "rb").read() == blobs[2]
+    folder = files.dir
+    files.close()
+    assert not os.path.exists(folder)
