@@ -720,6 +720,8 @@ def serve(model: ChatModel, *, config: GenerationConfig | None = None, host: str
     app = create_app(model, config=config, api_key=api_key, max_queue=max_queue,
                      allow_local_images=allow, log=turn_log)
     engine: Engine = app.state.engine
+    if allow is not None and not model.supports_images:
+        log(f"notice: --allow-local-images has no effect: {model.name} takes no images")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"notice: listening on {host} without --api-key: anyone who can reach this port "
             "can use the model")
