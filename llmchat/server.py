@@ -413,7 +413,6 @@ class TurnLog:
         self.logger: Any = None
         self.heads: OrderedDict[str, str] = OrderedDict()
         self.failed = False
-        self.model_name = model.name
 
     @staticmethod
     def key(system: str | None, messages: list[Message], refs: dict[str, str]) -> str:
