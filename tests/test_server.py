@@ -717,6 +717,11 @@ def test_qwen_system_prompt_in_process(tmp_path: Path) -> None:
             "max_tokens": 10})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == expected
+        again = tc.post("/v1/chat/completions", json={  # Qwen reuses the prefix too
+            "messages": [m.to_dict() for m in msgs], "temperature": 0, "max_tokens": 10}).json()
+        assert again["choices"][0]["message"]["content"] == expected
+        usage = again["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         r = tc.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 6})
         assert r.json()["choices"][0]["message"]["content"] == default_system
