@@ -240,18 +240,22 @@ class ImageFiles:
     server's generation thread) writes and drops them, so the running reply's file stays."""
 
     def __init__(self, keep: int = 8) -> None:
+        import threading
+
         self.keep = keep
         self.dir: str | None = None
         self.recent: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # requests are parsed in several threads
 
     def path(self, data: bytes, fmt: str) -> tuple[str, str]:
         """Where ``data`` will be kept, and its sha256."""
-        if self.dir is None:
-            import atexit
-            import tempfile
+        with self._lock:
+            if self.dir is None:
+                import atexit
+                import tempfile
 
-            self.dir = tempfile.mkdtemp(prefix="llmchat-images-")
-            atexit.register(self.close)
+                self.dir = tempfile.mkdtemp(prefix="llmchat-images-")
+                atexit.register(self.close)
         digest = hashlib.sha256(data).hexdigest()
         return os.path.join(self.dir, f"{digest}.{fmt.lower()}"), digest
 

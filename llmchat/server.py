@@ -551,7 +551,11 @@ def create_app(model: ChatModel, *, config: GenerationConfig | None = None,
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
         body = await read_json(request)
-        req = parse_request(body, model, engine.base, engine.images)
+        if model.supports_images:  # decoding and checking images takes a while: not here
+            req = await asyncio.get_running_loop().run_in_executor(
+                None, parse_request, body, model, engine.base, engine.images)
+        else:
+            req = parse_request(body, model, engine.base, engine.images)
         asked = body.get("model")
         if asked is not None and (not isinstance(asked, str) or asked.lower() not in lowered):
             raise APIError(404, f"model {asked!r} not found; this server serves "
