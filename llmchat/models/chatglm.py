@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import TokenizerError, UnsupportedCheckpointError
+from llmchat.generate import InvalidScoreGuard
 from llmchat.models.layers import (
     BIG,
     Range,
@@ -150,15 +151,58 @@ class Config:
 
 
 # -- positions, mask and rotary ----------------------------------------------------------------
+class Cache(KVCache):
+    """The KV cache plus the sequence's 2D-position state: the ``[gMASK]`` position and the
+    last block position, (B,) device tensors the decode step reads and advances in place (so a
+    captured step replays the update). They keep their storage across sequences;
+    ``state_version`` counts reallocations, after which a captured step is stale."""
+
+    def __init__(self, cfg: Config, max_len: int, *, dtype: torch.dtype, device: Any) -> None:
+        super().__init__(cfg.num_layers, cfg.num_heads, cfg.head_dim, max_len, dtype=dtype,
+                         device=device)
+        self.prefilled = False
+        self.mask_position = torch.zeros(0, dtype=torch.long, device=device)
+        self.block_position = torch.zeros(0, dtype=torch.long, device=device)
+        self.state_version = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefilled = False
+
+    def device_state(self) -> tuple[Tensor, ...]:
+        return (self.mask_position, self.block_position)
+
+    def start(self, mask_position: Tensor, block_position: Tensor) -> None:
+        """Record the prefill's ``[gMASK]`` and last block positions (in place when they fit)."""
+        self.mask_position = self._keep(self.mask_position, mask_position)
+        self.block_position = self._keep(self.block_position, block_position)
+        self.prefilled = True
+
+    def _keep(self, cur: Tensor, new: Tensor) -> Tensor:
+        if cur.shape == new.shape and cur.dtype == new.dtype:
+            return cur.copy_(new)
+        self.state_version += 1
+        return new.clone()
+
+    def next_positions(self, t: int) -> tuple[Tensor, Tensor]:
+        """Positions and block positions (B, T) of ``t`` new tokens after the cached ones; the
+        block position advances with them."""
+        if not self.prefilled:
+            raise ValueError("cached ChatGLM-6B step without a prefill")
+        block = self.block_position[:, None] + 1 + torch.arange(t, device=self.device)[None, :]
+        self.block_position.copy_(block[:, -1])  # in place: a captured step replays this
+        return self.mask_position[:, None].expand(-1, t), block
+
+
 def glm_positions(
-    input_ids: Tensor, cfg: Config, cache: KVCache | None
+    input_ids: Tensor, cfg: Config, cache: Cache | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Position ids (B, T), block position ids (B, T) and the mask (B, 1, T, S), True = masked.
 
     At prefill (no cache or an empty one) the context is everything before ``<sop>``: it gets
     positions 0.., is visible to every query, and ``<sop>`` plus later tokens sit at the
-    ``[gMASK]`` position with block positions 1, 2, ... Cached steps continue the block
-    positions from ``cache.meta``. Returns None for the mask when nothing is masked.
+    ``[gMASK]`` position with block positions 1, 2, ... Cached steps continue from the cache's
+    position state. Returns None for the mask when nothing is masked.
     """
     b, t = input_ids.shape
     dev = input_ids.device
@@ -180,20 +224,14 @@ def glm_positions(
         # causal, except that context columns are visible to every row
         masked = (ar[None, None, :] > ar[None, :, None]) & (ar[None, None, :] >= ctx[:, None, None])
         if cache is not None:
-            cache.meta["glm_prefilled"] = True
-            cache.set_state("mask_position", mask_pos)
-            cache.set_state("block_position", block[:, -1])
+            cache.start(mask_pos, block[:, -1])
         if prefix:  # the prefix columns come first and are always visible (upstream :960-964)
             masked = F.pad(masked.expand(b, t, t), (prefix, 0), value=False)
         return pos, block, masked[:, None]  # mask (B, 1, T, P + T)
-    if not cache.meta.get("glm_prefilled"):
-        raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
-    mask_pos, last = cache.state["mask_position"], cache.state["block_position"]
-    pos = mask_pos[:, None].expand(b, t)
-    block = last[:, None] + 1 + ar[None, :]
-    last.copy_(block[:, -1])  # in place: a captured decode step replays this update
-    if cache.static:  # one token over the whole static buffer: hide the unwritten slots
-        return pos, block, ~cache.valid_mask()
+    pos, block = cache.next_positions(t)
+    visible = cache.key_mask()
+    if visible is not None:  # a static step over the whole buffer: hide the unwritten slots
+        return pos, block, ~visible
     if t == 1:
         return pos, block, None  # a single new token sees everything
     s = cache.offset + t
@@ -297,19 +335,18 @@ class Model(nn.Module):
         self.max_positions: int | None = cfg.max_sequence_length  # the trained context
         self.tied_output = True  # the output layer streams the embedding matrix (benchmarks)
 
-    def static_key(self, cache: KVCache) -> object | None:
-        """Decode steps read only device state (``cache.state``): capturable until that state
-        is reallocated."""
+    def static_key(self, cache: Cache) -> object | None:
+        """Decode steps read only the cache's device state: capturable until that state is
+        reallocated."""
         return cache.state_version
 
-    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, c.num_heads, c.head_dim, max_len, dtype=dtype, device=device)
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> Cache:
+        return Cache(self.config, max_len, dtype=dtype, device=device)
 
     def forward(
         self,
         input_ids: Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         *,
         input_embeds: Tensor | None = None,
         last_only: bool = False,
@@ -488,5 +525,5 @@ def stop_ids(tok: ChatGLMTokenizer) -> frozenset[int]:
     return frozenset({tok.eos_id})
 
 
-INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
+INVALID_SCORES = InvalidScoreGuard(5)  # upstream InvalidScoreLogitsProcessor: id 5 on nan/inf
 SUPPORTS_SYSTEM = False

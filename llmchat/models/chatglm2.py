@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import UnsupportedCheckpointError
+from llmchat.generate import InvalidScoreGuard
 from llmchat.models.layers import (
     BIG,
     Range,
@@ -327,6 +328,6 @@ def stop_ids(tok: ChatGLM2Tokenizer) -> frozenset[int]:
     return frozenset({tok.eos_id})
 
 
-INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
+INVALID_SCORES = InvalidScoreGuard(5)  # upstream InvalidScoreLogitsProcessor: id 5 on nan/inf
 SUPPORTS_SYSTEM = False
 CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn

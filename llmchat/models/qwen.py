@@ -10,7 +10,7 @@ Long contexts, as upstream (REFERENCE.md §4.3), only once the context exceeds `
 
 * dynamic NTK: at prefill, alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1) from the total
   kv length L, and RoPE uses base * alpha^(D / (D - 2)). Decode steps reuse the prefill alpha
-  (kept in ``cache.meta``), so alpha changes only with a new prompt.
+  (``Cache.ntk_alpha``), so alpha changes only with a new prompt.
 * logn attention: while the kv length exceeds ``seq_length``, the query at 1-based position
   p > seq_length is scaled by log_{seq_length}(p).
 
@@ -172,6 +172,35 @@ def ntk_alpha(kv_len: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(math.log(kv_len / seq_length, 2) + 1) - 1, 1))
 
 
+class Cache(KVCache):
+    """The KV cache plus the sequence's dynamic-NTK factor, decided at prefill from the whole
+    prompt and kept for the decode steps (cached keys carry the rotary of that factor)."""
+
+    def __init__(self, cfg: Config, max_len: int, *, dtype: torch.dtype, device: Any) -> None:
+        super().__init__(cfg.num_layers, cfg.num_heads, cfg.kv_channels, max_len, dtype=dtype,
+                         device=device)
+        self.cfg = cfg
+        self.ntk_alpha = 1.0
+
+    def alpha_for(self, kv_len: int) -> float:
+        cfg = self.cfg
+        return ntk_alpha(kv_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+
+    def reset(self) -> None:
+        super().reset()
+        self.ntk_alpha = 1.0
+
+    def rope_alpha(self, t: int) -> float:
+        """The NTK factor for ``t`` new tokens: set at prefill (offset 0), then kept."""
+        if self.offset == 0:
+            self.ntk_alpha = self.alpha_for(t)
+        return self.ntk_alpha
+
+    def reusable(self, prompt_len: int) -> bool:
+        """Reuse keys only while a new prompt of ``prompt_len`` tokens gets the same alpha."""
+        return self.alpha_for(prompt_len) == self.ntk_alpha
+
+
 def rope_cos_sin(positions: Tensor, dim: int, theta: float, alpha: float) -> tuple[Tensor, Tensor]:
     """fp32 cos/sin of shape (T, dim) for full-width half-split rotary with NTK factor alpha."""
     base = theta * alpha ** (dim / (dim - 2))
@@ -270,44 +299,29 @@ class Model(nn.Module):
         # Upstream runs past seq_length (NTK + logn) up to its position tables' size.
         self.max_positions: int | None = cfg.max_positions
 
-    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, c.num_heads, c.kv_channels, max_len,
-                       dtype=dtype, device=device)
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> Cache:
+        return Cache(self.config, max_len, dtype=dtype, device=device)
 
-    def static_key(self, cache: KVCache) -> object | None:
+    def static_key(self, cache: Cache) -> object | None:
         """A static (capturable) decode step bakes in the prefill's NTK alpha, so a new alpha
         needs a new capture; past seq_length logn scaling varies per step: decode eagerly."""
         cfg = self.config
         if cfg.use_logn_attn and cache.offset + 1 > cfg.seq_length:
             return None
-        return cache.meta.get("ntk_alpha", 1.0)
-
-    def kv_reusable(self, cache: KVCache, prompt_len: int) -> bool:
-        """Cached keys carry the rotary factor of the prompt they were computed for: reuse
-        them only while a new prompt of ``prompt_len`` tokens gets the same NTK alpha."""
-        cfg = self.config
-        alpha = ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-        return alpha == cache.meta.get("ntk_alpha", 1.0)
+        return cache.ntk_alpha
 
     def forward(
-        self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
+        self, input_ids: Tensor, cache: Cache | None = None, *, last_only: bool = False
     ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position when ``last_only``."""
         cfg = self.config
         offset = cache.offset if cache is not None else 0
         t = input_ids.shape[1]
         kv_len = offset + t
-        # NTK alpha is decided at prefill from the whole prompt and kept for the decode steps.
-        if offset == 0 or cache is None:
-            alpha = ntk_alpha(kv_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-            if cache is not None:
-                cache.meta["ntk_alpha"] = alpha
-        else:
-            alpha = cache.meta.get("ntk_alpha", 1.0)
         if cache is not None:
-            positions = cache.positions(t)
+            alpha, positions = cache.rope_alpha(t), cache.positions(t)
         else:
+            alpha = ntk_alpha(t, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
             positions = torch.arange(t, device=input_ids.device)
         rope = rope_cos_sin(positions, cfg.kv_channels, cfg.rope_theta, alpha)
         logn = None
@@ -466,7 +480,7 @@ def stop_ids(tok: QwenTokenizer) -> frozenset[int]:
     return frozenset({tok.im_end_id, tok.im_start_id, tok.eos_id})
 
 
-INVALID_FALLBACK_ID = None  # upstream has no nan/inf guard
+INVALID_SCORES = None  # upstream has no nan/inf guard
 SUPPORTS_SYSTEM = True
 CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn
 # Upstream _decode_chatml cuts the reply's last token when no end token was generated (the

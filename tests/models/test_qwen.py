@@ -68,7 +68,7 @@ def test_logits_match_qwen2_prefill_and_cached_decode() -> None:
     for t in range(9, 14):  # cached one-token decode steps
         torch.testing.assert_close(model(ids[:, t : t + 1], cache), want[:, t : t + 1],
                                    atol=1e-5, rtol=0)
-    assert cache.offset == 14 and cache.meta["ntk_alpha"] == 1.0
+    assert cache.offset == 14 and cache.ntk_alpha == 1.0
 
 
 @torch.inference_mode()
@@ -193,7 +193,7 @@ def test_decode_past_seq_length_keeps_prefill_alpha() -> None:
     cache.reset()
     steps = [model(torch.tensor([ids[:10]]), cache)[0, -1]]
     steps += [model(torch.tensor([[i]]), cache)[0, -1] for i in ids[10:]]
-    assert cache.meta["ntk_alpha"] == 3
+    assert cache.ntk_alpha == 3
     want = naive_logits(model, ids, alpha=3, logn=True)[9:]
     torch.testing.assert_close(torch.stack(steps).double(), want, atol=2e-4, rtol=1e-4)
 
