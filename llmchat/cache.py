@@ -50,6 +50,7 @@ class KVCache:
         self.prefix_len = 0  # P-tuning prefix keys/values held in slots [0, P) (set_prefix)
         self.static = False
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
+        self.state_version = 0  # bumped when a device_state() tensor is reallocated
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +72,14 @@ class KVCache:
     def device_state(self) -> tuple[torch.Tensor, ...]:
         """Per-sequence device tensors a decode step updates in place (none here)."""
         return ()
+
+    def keep(self, cur: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``new`` stored in the state tensor ``cur``: in place when it fits, so a captured
+        step over ``cur`` stays valid; else a copy, and ``state_version`` changes."""
+        if cur.shape == new.shape and cur.dtype == new.dtype:
+            return cur.copy_(new)
+        self.state_version += 1
+        return new.clone()
 
     @contextmanager
     def static_step(self) -> Iterator[None]:

@@ -38,14 +38,14 @@ from llmchat.generate import InvalidScoreGuard
 from llmchat.models import chatglm
 from llmchat.models.base import TransformerChatModel
 from llmchat.models.blip2 import BLIP2, EvaConfig, QFormerConfig, preprocess
-from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
+from llmchat.models.layers import check_values
+from llmchat.tokenizers.chatglm import (  # noqa: F401 - re-exported module contract
     ChatGLMTokenizer,
     holdback,
     load_tokenizer,
     postprocess,
     stop_ids,
 )
-from llmchat.models.layers import check_values
 from llmchat.types import Message, split_turns
 
 if TYPE_CHECKING:
