@@ -61,7 +61,7 @@ class ChatGLMTokenizer:
                 raise UnsupportedCheckpointError(
                     f"{path.name}: unexpected tokenizer; {CURRENT_REVISION}"
                 )
-        self.mask_id, self.gmask_id = 130000, 130001
+        self.gmask_id = 130001
         self.sop_id, self.eos_id, self.pad_id = 130004, 130005, 3
         self._n = self.sp.vocab_size()
 
