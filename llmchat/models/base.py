@@ -1,10 +1,11 @@
 """The ``ChatModel`` interface and the glue that turns any architecture module into one.
 
-Every ``llmchat/models/<arch>.py`` exports the names of ``Arch`` below (mlx-lm style);
-``contract(module)`` collects them into one typed object and fails loudly when a required one
-is missing, so a fifth model cannot silently lose a hook. ``TransformerChatModel.generate``
-encodes the prompt, runs ``generate.generate_tokens`` over the model's KV cache and streams the
-detokenized, post-processed text as a ``Reply``.
+Every ``llmchat/models/<arch>.py`` exports the names of ``Arch`` below (mlx-lm style; the text
+hooks are re-exported from ``llmchat/tokenizers/<arch>.py``); ``contract(module)`` collects them
+into one typed object and fails loudly when a required one is missing, so a fifth model cannot
+silently lose a hook. ``TransformerChatModel.generate`` encodes the prompt, runs
+``generate.generate_tokens`` over the model's KV cache (a typed ``KVCache`` subclass where the
+model keeps per-sequence state) and streams the detokenized, post-processed text as a ``Reply``.
 """
 
 from __future__ import annotations
