@@ -183,14 +183,15 @@ class Cache(KVCache):
 
 
 def glm_positions(
-    input_ids: Tensor, cfg: Config, cache: Cache | None
+    input_ids: Tensor, cfg: Config, cache: KVCache | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Position ids (B, T), block position ids (B, T) and the mask (B, 1, T, S), True = masked.
 
     At prefill (no cache or an empty one) the context is everything before ``<sop>``: it gets
     positions 0.., is visible to every query, and ``<sop>`` plus later tokens sit at the
-    ``[gMASK]`` position with block positions 1, 2, ... Cached steps continue from the cache's
-    position state. Returns None for the mask when nothing is masked.
+    ``[gMASK]`` position with block positions 1, 2, ... A ``Cache`` records them, and cached
+    steps continue from it; another ``KVCache`` (a training prefix cache) serves a prefill
+    only. Returns None for the mask when nothing is masked.
     """
     b, t = input_ids.shape
     dev = input_ids.device
@@ -211,11 +212,13 @@ def glm_positions(
         block = (ar[None, :] - ctx[:, None] + 1).clamp(min=0)
         # causal, except that context columns are visible to every row
         masked = (ar[None, None, :] > ar[None, :, None]) & (ar[None, None, :] >= ctx[:, None, None])
-        if cache is not None:
+        if isinstance(cache, Cache):
             cache.start(mask_pos, block[:, -1])
         if prefix:  # the prefix columns come first and are always visible (upstream :960-964)
             masked = F.pad(masked.expand(b, t, t), (prefix, 0), value=False)
         return pos, block, masked[:, None]  # mask (B, 1, T, P + T)
+    if not isinstance(cache, Cache):
+        raise ValueError("cached ChatGLM-6B steps need the model's Cache (Model.make_cache)")
     pos, block = cache.next_positions(t)
     visible = cache.key_mask()
     if visible is not None:  # a static step over the whole buffer: hide the unwritten slots
