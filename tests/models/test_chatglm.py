@@ -143,6 +143,21 @@ def test_matches_upstream_reference_tensors(use_embeds: bool) -> None:
         assert (out - want).abs().max() < 1e-5  # in practice it agrees to float32 rounding
 
 
+def test_positions_over_a_plain_kv_cache() -> None:
+    """A KVCache that is not the model's Cache (a training prefix cache) serves a prefill, as it
+    did before the position state was typed; a cached step over one is a clear error."""
+    from llmchat.cache import KVCache
+
+    cfg = GOLDEN_CFG
+    cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, 16)
+    ids = torch.tensor([[4, 3, 4, 1, 2]])
+    pos, block, _ = chatglm.glm_positions(ids, cfg, cache)
+    assert pos.tolist() == [[0, 1, 2, 3, 3]] and block.tolist() == [[0, 0, 0, 0, 1]]
+    cache.advance(5)
+    with pytest.raises(ValueError, match="need the model's Cache"):
+        chatglm.glm_positions(torch.tensor([[4]]), cfg, cache)
+
+
 def test_positions_and_mask_follow_upstream() -> None:
     cfg = GOLDEN_CFG
     cache = Model(cfg).make_cache(16, dtype=torch.float32, device="cpu")
