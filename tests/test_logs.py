@@ -114,8 +114,9 @@ def test_each_logged_turn_records_the_active_prefix() -> None:
     import sqlite3
 
     from llmchat import logs
-    from llmchat.cli import RunOptions, attach_log
+    from llmchat.cli import RunOptions
     from llmchat.conversation import Conversation
+    from llmchat.session import attach_log
     from llmchat.types import GenerationConfig
     from tests.fakes import FakeChatModel
 

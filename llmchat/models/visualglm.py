@@ -34,25 +34,25 @@ import torch
 from torch import Tensor
 
 from llmchat.errors import UnsupportedCheckpointError
+from llmchat.generate import InvalidScoreGuard
 from llmchat.images import load_image
 from llmchat.models import chatglm
 from llmchat.models.base import TransformerChatModel
 from llmchat.models.blip2 import BLIP2, EvaConfig, QFormerConfig, preprocess
-from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
-    INVALID_FALLBACK_ID,
+from llmchat.models.layers import check_values
+from llmchat.tokenizers.chatglm import (  # noqa: F401 - re-exported module contract
     ChatGLMTokenizer,
     holdback,
     load_tokenizer,
     postprocess,
     stop_ids,
 )
-from llmchat.models.layers import check_values
 from llmchat.types import Message, split_turns
 
 SUPPORTS_SYSTEM = False
 # The visual branch's InvalidScoreLogitsProcessor checks nan only (REFERENCE §5.1), so the -inf
 # that min_length 100 puts on <eop> must not trip the guard (it would emit id 5 every step).
-INVALID_CHECK_INF = False
+INVALID_SCORES = InvalidScoreGuard(chatglm.INVALID_SCORES.fallback_id, check_inf=False)
 IMAGE_LENGTH = 32  # upstream's image_length: Q-Former queries = placeholder tokens
 PLACEHOLDER_ID = 0  # the tokenizer's unk id, as upstream's HF chat() (SAT uses pad 3)
 IMG_OPEN, IMG_CLOSE = "<img>", "</img>"

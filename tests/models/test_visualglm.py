@@ -21,6 +21,7 @@ from PIL import Image
 from llmchat import images
 from llmchat.errors import ImageError, UnsupportedCheckpointError
 from llmchat.models import blip2, chatglm, visualglm
+from llmchat.tokenizers import chatglm as glm_text
 from llmchat.types import GenerationConfig, Message
 from tests.checkpoints import REPO, shared, upstream_config
 from tests.ckpt_visualglm import visualglm_checkpoint, visualglm_config
@@ -52,7 +53,7 @@ def vg(vg_dir: Path) -> visualglm.VisualGLMChatModel:
 
 
 @pytest.fixture(scope="module")
-def tok() -> chatglm.ChatGLMTokenizer:
+def tok() -> glm_text.ChatGLMTokenizer:
     return chatglm.load_tokenizer(shared("tokenizers/chatglm-6b"))
 
 
@@ -63,7 +64,7 @@ def noise_image(path: Path, size: tuple[int, int] = (60, 40), seed: int = 0) -> 
 
 
 # -- prompt --------------------------------------------------------------------------------------
-def test_prompt_ids_match_reference_vectors(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_prompt_ids_match_reference_vectors(tok: glm_text.ChatGLMTokenizer) -> None:
     msgs = [Message("user", "描述这张图片。", "pic.png")]
     ids, start = visualglm.encode_with_image(tok, msgs)
     # REFERENCE.md §6: encode("<img>") + 32 x unk + encode("</img>问：…答：") + [gMASK, sop]
@@ -73,7 +74,7 @@ def test_prompt_ids_match_reference_vectors(tok: chatglm.ChatGLMTokenizer) -> No
     assert visualglm.encode_messages(tok, msgs) == ids
 
 
-def test_prompt_text_multi_turn_and_fallback(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_prompt_text_multi_turn_and_fallback(tok: glm_text.ChatGLMTokenizer) -> None:
     turns = [Message("user", "q1", "a.png"), Message("assistant", "r1"), Message("user", "q2")]
     assert visualglm.build_prompt(turns) == "<img></img>问：q1\n答：r1\n问：q2\n答："
     text_only = [Message("user", "q1"), Message("assistant", "r1"), Message("user", "q2")]
@@ -92,7 +93,7 @@ def test_conversation_image_is_the_latest_and_keeps_history() -> None:
     assert visualglm.conversation_image([Message("user", "q")]) is None
 
 
-def test_user_text_never_moves_the_image_slot(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_user_text_never_moves_the_image_slot(tok: glm_text.ChatGLMTokenizer) -> None:
     msgs = [Message("user", "what is <img>x.png</img>?", "a.png")]
     ids, start = visualglm.encode_with_image(tok, msgs)
     assert start == 3 and ids[3:35] == [0] * 32 and 0 not in ids[35:]
