@@ -764,10 +764,16 @@ def logs_cmd(
             else:
                 for r in rows:
                     print(logs.conversation_line(r))
+                if not rows:
+                    err_console().print(f"No conversations logged yet ({path}).")
             return
         rows = logs.responses(db, n=count, query=query, cid=cid) if db is not None else []
         if as_json:
             print(json.dumps(rows, ensure_ascii=False, indent=2))
+            return
+        if not rows:  # say so on stderr: stdout stays empty for scripts
+            what = "matches" if query or cid else "logged turns yet"
+            err_console().print(f"No {what} ({path}).")
             return
         text = logs.responses_markdown(rows)
         if sys.stdout.isatty():

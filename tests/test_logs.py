@@ -165,3 +165,11 @@ def test_continue_after_the_model_directory_is_gone(glm2_dir: Path, tmp_path: Pa
     rows = json.loads(run_cli(["logs", "-n", "5", "--json"]).stdout)
     assert [r["prompt"] for r in rows] == ["你好", "然后呢"]
     assert len({r["conversation_id"] for r in rows}) == 1
+
+
+def test_an_empty_log_says_so_on_stderr_only() -> None:
+    for args in (["logs"], ["logs", "list"], ["logs", "-q", "天气怎么样"]):
+        res = run_cli(args)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == "" and "No " in res.stderr and str(logs.db_path()) in res.stderr
+    assert run_cli(["logs", "--json"]).stdout.strip() == "[]"
