@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from llmchat.errors import CheckpointError, QuantizationError
 
@@ -239,17 +240,23 @@ class QuantizedLinear(nn.Module):
 
     def _set_weight(self, q: Tensor) -> None:
         """Store upstream-layout q in the backend's layout."""
-        b = self.backend
-        if b.name == "int4pack_mm_cpu":
-            self.weight = _pack_int4_cpu(q)
-        elif b.name == "int4pack_mm_cuda":
-            u8 = (q.view(torch.uint8) ^ 0x88).contiguous()  # signed s -> s + 8, high nibble first
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(u8, b.inner_k_tiles)
-        else:
-            self.weight = q.contiguous()
+        self.weight = self._pack_int4(q) if self.backend.name.startswith("int4pack") else (
+            q.contiguous())
+
+    def _pack_int4(self, q: Tensor) -> Tensor:
+        """Upstream packed int4 → the int4 kernel's layout."""
+        if self.backend.name == "int4pack_mm_cpu":
+            return _pack_int4_cpu(q)
+        u8 = (q.view(torch.uint8) ^ 0x88).contiguous()  # signed s -> s + 8, high nibble first
+        return torch.ops.aten._convert_weight_to_int4pack(u8, self.backend.inner_k_tiles)
 
     # -- compute ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training: gradients flow to x only
+            return _QuantizedLinearFn.apply(x, self)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         b = self.backend
         if b.fallback or (b.max_rows is not None and x2.shape[0] > b.max_rows):
@@ -314,15 +321,116 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight ``[out, in]`` this layer computes with (for tests and inspection)."""
-        if self.backend.name.startswith("int4pack"):
-            # Recover s exactly by running the kernel on the identity: I @ s.T (small integers).
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
-            table = self._unit_table(torch.bfloat16)
-            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if self.backend.name.endswith("cpu")
-                  else torch.ops.aten._weight_int4pack_mm)
-            s = op(eye, self.weight, self.backend.group_size, table).float().T  # (N, K)
-            return (s * self.weight_scale[:, None]).to(dtype)
-        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+        return torch.cat([self.weight_rows(r0, r1, dtype) for r0, r1 in self.row_blocks()])
+
+    # -- backward (weights frozen) ----------------------------------------------------------------
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """Output-row blocks of about ``CHUNK_ELEMS`` weights, aligned to the layout's row group."""
+        group = ROW_GROUP.get(self.backend.name, 1)
+        step = max(group, CHUNK_ELEMS // max(self.in_features, 1) // group * group)
+        n = self.out_features
+        return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+    def weight_rows(self, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``r0:r1`` of the float weight: ``q * scale`` exact in fp32, rounded once to dtype
+        (``r0`` must start a block of ``row_blocks``)."""
+        scale = self.weight_scale[r0:r1]
+        if not self.backend.name.startswith("int4pack"):
+            return dequantize_weight(self.weight[r0:r1], scale, self.bits, dtype)
+        s = self._int4_rows(r0, r1)  # (rows, K) signed values
+        return (s.float() * scale.float()[:, None]).to(dtype)
+
+    def _int4_rows(self, r0: int, r1: int) -> Tensor:
+        """Signed int4 values of rows ``r0:r1`` read back from the kernel's packed layout."""
+        k, group = self.in_features, ROW_GROUP[self.backend.name]
+        cuda = self.backend.name == "int4pack_mm_cuda"
+        parts = []
+        full_end = r0 + (r1 - r0) // group * group
+        for a, b in ((r0, full_end), (full_end, r1)):
+            if a == b:
+                continue
+            rows = min(group, b - a)  # a block of whole groups, or the tail (shorter) group
+            stored = self.weight[a // 8 : b // 8] if cuda else self.weight[a:b]
+            order = self._nibble_order(rows)
+            if order is None:  # layout not a plain nibble permutation: run the kernel on I
+                parts.append(self._kernel_identity(stored, b - a))
+                continue
+            nib = _nibbles(stored).view(-1, rows * k).index_select(1, order)
+            parts.append(nib.view(b - a, k).to(torch.int8) - 8)
+        return torch.cat(parts)
+
+    def _nibble_order(self, rows: int) -> Tensor | None:
+        """Index ``i`` with ``nibbles(pack(q)).flatten()[i] == q.flatten()`` for a block of
+        ``rows`` rows, found by packing the positions' own digits (4 bits at a time) and checked
+        on random values; None if the packing is not such a permutation."""
+        key = ("order", self.backend.name, rows, self.in_features, self.weight.device)
+        if key in self._shared:
+            return self._shared[key]
+        n, dev = rows * self.in_features, self.weight.device
+        pos = torch.arange(n, device=dev)
+        src = torch.zeros(n, dtype=torch.int64, device=dev)  # source position of each nibble
+        for shift in range(0, max(1, (n - 1).bit_length()), 4):
+            digits = ((pos >> shift) & 15).to(torch.int8).view(rows, -1) - 8
+            src |= _nibbles(self._pack_int4(pack_int4(digits))).long() << shift
+        order: Tensor | None = None
+        if bool((torch.bincount(src, minlength=n) == 1).all()):
+            order = torch.empty_like(src)
+            order[src] = pos
+            order = order.to(torch.int32)
+            q = torch.randint(-8, 8, (rows, self.in_features), dtype=torch.int8, device=dev)
+            back = _nibbles(self._pack_int4(pack_int4(q))).index_select(0, order)
+            if not torch.equal(back.view(rows, -1).to(torch.int8) - 8, q):
+                order = None
+        self._shared[key] = order
+        return order
+
+    def _kernel_identity(self, stored: Tensor, rows: int) -> Tensor:
+        """Signed values of ``rows`` packed rows via the kernel on the identity (slow, exact)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=stored.device)
+        groups = self.in_features // self.backend.group_size
+        table = torch.zeros(groups, rows, 2, dtype=torch.bfloat16, device=stored.device)
+        table[..., 0] = 1
+        op = (torch.ops.aten._weight_int4pack_mm if self.backend.name == "int4pack_mm_cuda"
+              else torch.ops.aten._weight_int4pack_mm_for_cpu)
+        return op(eye, stored, self.backend.group_size, table).T.to(torch.int8)  # (rows, K)
+
+    def grad_input(self, grad_y: Tensor, dtype: torch.dtype) -> Tensor:
+        """``grad_y @ W`` with ``W`` dequantized block by block in ``dtype`` (the activations'),
+        the blocks' products summed in fp32 and rounded once (bf16 GEMMs are slow on CPUs
+        without bf16 units, and fp32 keeps the sum as exact as one bf16 matmul would)."""
+        g = grad_y.reshape(-1, self.out_features).to(dtype).float()  # (M, N)
+        gx: Tensor | None = None
+        for r0, r1 in self.row_blocks():
+            w = self.weight_rows(r0, r1, dtype).float()  # (rows, K), dtype's values
+            gx = g[:, r0:r1] @ w if gx is None else gx.addmm_(g[:, r0:r1], w)
+        assert gx is not None  # out_features > 0
+        return gx.to(dtype).reshape(*grad_y.shape[:-1], self.in_features)
+
+
+class _QuantizedLinearFn(torch.autograd.Function):
+    """Frozen quantized weights: forward as in inference, backward to the input only (torch's
+    packed kernels have no autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mod: QuantizedLinear) -> Tensor:
+        ctx.mod, ctx.dtype = mod, x.dtype
+        return mod._forward(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:
+        return ctx.mod.grad_input(grad_y, ctx.dtype), None
+
+
+# Rows per independent block of each packed layout: the CPU kernel interleaves blocks of rows
+# (32 on AVX2 builds; 128 covers wider ones), the CUDA one tiles 8 rows.
+ROW_GROUP = {"int4pack_mm_cpu": 128, "int4pack_mm_cuda": 8}
+
+
+def _nibbles(packed: Tensor) -> Tensor:
+    """All 4-bit fields of a packed tensor, low nibble first in each byte, flattened."""
+    b = packed.contiguous().view(torch.uint8).flatten()
+    return torch.stack((b & 15, b >> 4), dim=-1).flatten()
 
 
 def _pack_int4_cpu(q: Tensor) -> Tensor:

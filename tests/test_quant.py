@@ -478,3 +478,57 @@ def test_visualglm_vision_tower_stays_float(tmp_path: Path) -> None:
     assert swapped and all(n.startswith("transformer.layers.") for n in swapped)
     vision = [x for n, x in m.model.named_modules() if n.startswith("image_encoder.")]
     assert vision and not any(isinstance(x, QuantizedLinear) for x in vision)
+
+
+# -- backward through the quantized weights (frozen) -----------------------------------------------
+BACKWARD_CASES = [(8, Backend("int8pack_mm")), (8, Backend("dequant")), (4, Backend("dequant")),
+                  (4, Backend("int4pack_mm_cpu", group_size=64))]
+
+
+@pytest.mark.parametrize("bits,backend", BACKWARD_CASES,
+                         ids=["int8-kernel", "int8-dequant", "int4-dequant", "int4-kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("blocks", [1, 3], ids=["one-block", "row-blocks"])
+def test_grad_input_equals_a_linear_holding_the_dequantized_weight(
+        bits: int, backend: Backend, dtype: torch.dtype, blocks: int, monkeypatch: Any) -> None:
+    k, n = 64, 272  # 272 = 2 whole 128-row groups of the CPU int4 layout + a 16-row tail
+    mod, _, b = layer(bits, k, n, dtype=dtype, backend=backend)
+    if blocks > 1:
+        monkeypatch.setattr(quant, "CHUNK_ELEMS", 128 * k)  # row blocks 0:128, 128:256, 256:272
+    assert len(mod.row_blocks()) == blocks
+    ref = nn.Linear(k, n, dtype=dtype)
+    ref.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
+    ref.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+    x = torch.randn(2, 3, k).to(dtype)
+    gy = torch.randn(2, 3, n).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = mod(xa), ref(xb)
+    with torch.inference_mode():
+        assert torch.equal(ya.detach(), mod(x))  # the forward is the inference one, bit for bit
+    ya.backward(gy)
+    yb.backward(gy)
+    assert xa.grad is not None and xa.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    else:  # both sum in fp32 and round once to bf16: at most one bf16 step apart
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=2.0 ** -7, atol=1e-6)
+        assert (xa.grad == xb.grad).float().mean() > 0.9
+    assert list(mod.parameters()) == []
+    assert all(not t.requires_grad and t.grad is None for t in mod.buffers())
+
+
+def test_no_graph_without_input_grad() -> None:
+    mod, _, _ = layer(4, 64, 32, dtype=torch.bfloat16)
+    y = mod(torch.randn(1, 64).bfloat16())
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def test_int4_layout_read_back_without_the_kernel(monkeypatch: Any) -> None:
+    """Rows decode from the CPU kernel's own layout (found by probing it) exactly as the upstream
+    values; the identity-matmul fallback gives the same."""
+    mod, w, _ = layer(4, 64, 272, dtype=torch.bfloat16)
+    q, _ = ref_quantize(w, 4)
+    want = unpack_int4(q)
+    assert torch.equal(mod._int4_rows(0, 272), want)
+    monkeypatch.setattr(QuantizedLinear, "_nibble_order", lambda self, rows: None)
+    assert torch.equal(mod._int4_rows(0, 272), want)
