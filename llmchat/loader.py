@@ -29,6 +29,7 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel, contract
+from llmchat.quant import QuantSummary, prepare_model
 from llmchat.registry import (
     ModelSpec,
     cached_snapshot,
@@ -426,15 +427,15 @@ def build_model(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, QuantSummary]:
     """Build ``module.Model(cfg)`` on the meta device, swap in quantized linears, then fill it
-    from ``tensors`` (a checkpoint stream, or random tensors for benchmarks)."""
+    from ``tensors`` (a checkpoint stream, or random tensors for benchmarks). Returns the model
+    and what quantization did."""
     with torch.device("meta"):
         net = module.Model(cfg)
+    summary = QuantSummary()
     if bits != 16 or checkpoint_bits:
-        from llmchat.quant import prepare_model
-
-        prepare_model(
+        summary = prepare_model(
             net,
             module.QUANT_LINEARS,
             bits,
@@ -452,7 +453,7 @@ def build_model(
         total_bytes=total_bytes,
         progress=progress,
     )
-    return net.eval()
+    return net.eval(), summary
 
 
 def peak_rss_bytes() -> int:
@@ -505,7 +506,7 @@ def load(
         dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)), fp32_bytes
     )
     ckpt_bits = int(hf.get("quantization_bit") or 0)
-    net = build_model(
+    net, summary = build_model(
         module,
         cfg,
         iter_tensors(files),
@@ -525,7 +526,7 @@ def load(
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
-    info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra.update(summary.extra())  # quant backend, named by --verbose
     info.extra["threads"] = n_threads
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
