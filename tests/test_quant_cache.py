@@ -174,15 +174,13 @@ def test_an_unwritable_cache_dir_warns_once_and_loads(ckpt: Path) -> None:
 
 
 def test_a_full_disk_mid_write_leaves_nothing_behind(ckpt: Path, monkeypatch: Any) -> None:
-    import safetensors.torch
-
     calls = []
 
     def full(*args: Any, **kw: Any) -> None:
         calls.append(1)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(cache, "write_safetensors", full)
     monkeypatch.setattr(cache, "SHARD_BYTES", 1)  # a part file per tensor: it fails early
     m = run(ckpt, 8)
     assert len(m.cache_warnings) == 1 and "No space left" in m.cache_warnings[0]
@@ -225,3 +223,17 @@ def test_verbose_names_the_path_taken(ckpt: Path) -> None:
     assert "quantized on the fly (cached to" in " ".join(first.stderr.split())
     second = CliRunner().invoke(app, args)
     assert "loaded quantized cache" in second.stderr and second.stdout == first.stdout
+
+
+def test_write_safetensors_round_trips(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = {"a": torch.randn(3, 5).half(), "b": torch.randint(-128, 127, (4, 2),
+                                                                  dtype=torch.int8),
+               "c": torch.randn(7).bfloat16(), "d": torch.tensor(2.5), "e": torch.zeros(0, 3),
+               "f": torch.arange(6, dtype=torch.int64).view(2, 3).T}  # not contiguous
+    cache.write_safetensors(tmp_path / "x.safetensors", tensors)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as st:
+        back = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())

@@ -193,7 +193,10 @@ class Int4PackCPU(Int4Packed):
         # blocks of whole 128-row groups convert independently (see ``row_group``)
         step = max(128, (fmt.CHUNK_ELEMS // (2 * half)) // 128 * 128)
         for r in range(0, n, step):
-            vals = unpack_int4(q[r : r + step]).to(torch.int32) + 8  # (rows, K) in [0, 15]
+            u = q[r : r + step].view(torch.uint8) ^ 0x88  # signed s -> s + 8, even column high
+            vals = torch.empty(u.shape[0], 2 * half, dtype=torch.int32)  # (rows, K) in [0, 15]
+            vals[:, 0::2] = u >> 4
+            vals[:, 1::2] = u & 15
             out[r : r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 2)
         return out
 

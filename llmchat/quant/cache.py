@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
 import warnings
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 FORMAT_VERSION = 1  # bump when the meaning of a cached tensor changes
 ENV = "LLMCHAT_QUANT_CACHE"
-SHARD_BYTES = 512 << 20  # tensors held before a part file is written (bounds the extra memory)
+SHARD_BYTES = 256 << 20  # tensors held before a part file is written (bounds the extra memory)
 STALE_TMP_S = 24 * 3600  # a temporary directory this old belongs to a run that died
 MANIFEST = "manifest.json"
 
@@ -48,9 +50,15 @@ def enabled() -> bool:
 
 
 def cache_root() -> Path:
-    from llmchat.repl import data_dir  # $LLMCHAT_HOME or the platform's data dir
+    """``cache/quantized`` in llmchat's data dir (``$LLMCHAT_HOME``, else the platform's; the
+    rule of ``repl.data_dir``, without importing the REPL into every load)."""
+    if home := os.environ.get("LLMCHAT_HOME"):
+        base = Path(home).expanduser()
+    else:
+        import platformdirs
 
-    return data_dir() / "cache" / "quantized"
+        base = Path(platformdirs.user_data_dir("llmchat", appauthor=False))
+    return base / "cache" / "quantized"
 
 
 def _stat(path: Path) -> dict[str, Any]:
@@ -132,7 +140,6 @@ class CacheWriter:
         self.pending: dict[str, Tensor] = {}
         self.pending_bytes = 0
         self.files: list[dict[str, Any]] = []
-        self.storages: set[int] = set()
         self.failed = False
 
     def add(self, key: str, tensor: Tensor) -> None:
@@ -140,10 +147,6 @@ class CacheWriter:
         if self.failed:
             return
         t = tensor.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # safetensors refuses tensors that share memory
-        self.storages.add(t.untyped_storage().data_ptr())
         self.pending[key] = t
         self.pending_bytes += t.numel() * t.element_size()
         if self.pending_bytes >= SHARD_BYTES:
@@ -152,15 +155,13 @@ class CacheWriter:
     def _flush(self) -> None:
         if not self.pending or self.failed:
             return
-        from safetensors.torch import save_file
-
         name = f"part-{len(self.files) + 1:05d}.safetensors"
         try:
-            save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+            write_safetensors(self.tmp / name, self.pending)
             self.files.append({"name": name, "size": (self.tmp / name).stat().st_size})
         except (OSError, RuntimeError, ValueError) as exc:  # ENOSPC, EROFS, …
             self._fail(exc)
-        self.pending, self.pending_bytes, self.storages = {}, 0, set()
+        self.pending, self.pending_bytes = {}, 0
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = True
@@ -189,6 +190,32 @@ class CacheWriter:
     def abort(self) -> None:
         self.failed = True
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
+             torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float32: "F32", torch.float64: "F64", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Write a safetensors file straight from the tensors' memory (``safetensors.torch.save_file``
+    first copies every tensor into a bytes object, doubling the memory held)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().flatten().view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _drop_older(final: Path, source: dict[str, Any]) -> None:
