@@ -370,14 +370,15 @@ def load_weights(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
-    sink: Callable[[str, torch.Tensor], None] | None = None,
+    sink: Callable[[str, torch.Tensor, bool], None] | None = None,
 ) -> None:
     """Stream (key, tensor) pairs into a meta-built model, strictly.
 
     Each tensor is cast and moved as it arrives (or handed to its quantized linear), so at most
     one checkpoint tensor is held in floating point besides the model being built. ``sink``
     receives every tensor taken, by checkpoint key, as stored (quantized linears: in the upstream
-    pre-quantized layout) — the quantized cache.
+    pre-quantized layout), and whether it was computed here rather than read — the quantized
+    cache.
     """
     expected = {n: p for n, p in model.named_parameters()}
     expected.update(dict(model.named_buffers()))
@@ -399,7 +400,7 @@ def load_weights(
             taken = hook(attr, t, dtype=dtype, device=device, key=key)
             if sink is not None:
                 for k, v in taken.items():
-                    sink(k, v)
+                    sink(k, v, v is not t)
         elif name in expected:
             want = expected[name].shape
             if tuple(t.shape) != tuple(want):
@@ -408,7 +409,7 @@ def load_weights(
                     f"implies {tuple(want)}"
                 )
             if sink is not None:
-                sink(key, t)
+                sink(key, t, False)
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             assign(model, name, t)
         else:
@@ -436,7 +437,7 @@ def build_model(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
-    sink: Callable[[str, torch.Tensor], None] | None = None,
+    sink: Callable[[str, torch.Tensor, bool], None] | None = None,
 ) -> tuple[nn.Module, QuantSummary]:
     """Build ``module.Model(cfg)`` on the meta device, swap in quantized linears, then fill it
     from ``tensors`` (a checkpoint stream, or random tensors for benchmarks). Returns the model

@@ -142,13 +142,21 @@ class CacheWriter:
         self.files: list[dict[str, Any]] = []
         self.failed = False
 
-    def add(self, key: str, tensor: Tensor) -> None:
-        """Keep one tensor (cheap; every ``SHARD_BYTES`` a part file is written)."""
+    def add(self, key: str, tensor: Tensor, fresh: bool = False) -> None:
+        """Keep one tensor; every ``SHARD_BYTES`` a part file is written. A tensor that is not
+        ``fresh`` (one read from the checkpoint) is copied unless written at once: a reference
+        would keep its whole memory-mapped shard resident."""
         if self.failed:
             return
         t = tensor.detach().cpu().contiguous()
-        self.pending[key] = t
-        self.pending_bytes += t.numel() * t.element_size()
+        size = t.numel() * t.element_size()
+        if not fresh and size >= SHARD_BYTES:  # a big one (the embeddings): a file of its own
+            self._flush()
+            self.pending[key] = t
+            self._flush()
+            return
+        self.pending[key] = t if fresh else t.clone()
+        self.pending_bytes += size
         if self.pending_bytes >= SHARD_BYTES:
             self._flush()
 
