@@ -237,3 +237,33 @@ def test_write_safetensors_round_trips(tmp_path: Path) -> None:
         back = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
     assert back.keys() == tensors.keys()
     assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("name", ["chatglm-6b", "qwen-7b-chat", "visualglm-6b"])
+def test_every_other_model_loads_the_same_from_its_cache(name: str, tmp_path: Path) -> None:
+    from tests.test_every_model import BUILDERS
+
+    path = BUILDERS[name](tmp_path / name)
+    first, second = run(path, 4), run(path, 4)
+    assert second.info.extra["quant_cache"].startswith("loaded quantized cache")
+    a, b = dict(first.model.named_buffers()), dict(second.model.named_buffers())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = dict(first.model.named_parameters()), dict(second.model.named_parameters())
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_a_writer_that_finishes_second_keeps_the_first_entry(ckpt: Path) -> None:
+    from llmchat.loader import checkpoint_files
+    from llmchat.models import chatglm2
+
+    entry = cache.QuantCache.for_source(ckpt, checkpoint_files(ckpt), 4, "llmchat.models.chatglm2",
+                                        chatglm2.QUANT_LINEARS)
+    late = entry.writer()  # started before the other process finished
+    assert late is not None
+    run(ckpt, 4)
+    [written] = entries()[-1:]
+    stamp = (written / "manifest.json").read_text()
+    late.add("x", torch.zeros(2), fresh=True)
+    assert late.commit()
+    assert (entry.dir / "manifest.json").read_text() == stamp
+    assert [p.name for p in cache.cache_root().iterdir()] == [entry.dir.name]  # no tmp left

@@ -186,6 +186,9 @@ class CacheWriter:
         manifest = {"source": self.cache.source, "files": self.files, "created": time.time()}
         final = self.cache.dir
         try:
+            if self.cache._check() is not None:  # another process wrote it meanwhile: keep it
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return True
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
             _drop_older(final, self.cache.source)
             shutil.rmtree(final, ignore_errors=True)  # a broken entry of the same key
