@@ -50,15 +50,10 @@ def enabled() -> bool:
 
 
 def cache_root() -> Path:
-    """``cache/quantized`` in llmchat's data dir (``$LLMCHAT_HOME``, else the platform's; the
-    rule of ``repl.data_dir``, without importing the REPL into every load)."""
-    if home := os.environ.get("LLMCHAT_HOME"):
-        base = Path(home).expanduser()
-    else:
-        import platformdirs
+    """``cache/quantized`` in llmchat's data dir (``$LLMCHAT_HOME``, else the platform's)."""
+    from llmchat.paths import data_dir
 
-        base = Path(platformdirs.user_data_dir("llmchat", appauthor=False))
-    return base / "cache" / "quantized"
+    return data_dir() / "cache" / "quantized"
 
 
 def _stat(path: Path) -> dict[str, Any]:
