@@ -21,7 +21,12 @@ from torch import nn
 
 from llmchat.generate import generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
-from llmchat.loader import build_model, peak_rss_bytes, resolve_device, resolve_dtype
+from llmchat.loader import (
+    build_model_and_summary,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from llmchat.registry import ModelSpec, resolve
 from llmchat.types import GenerationConfig, parse_quant
 
@@ -128,9 +133,10 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         module = importlib.import_module(spec.module)
         cfg = shrink(module.Config(), layers)
         tdtype = resolve_dtype(dtype, dev, spec, bits)
-        model = build_model(module, cfg, random_tensors(module, cfg, dtype=tdtype, device=dev),
-                            bits=bits, checkpoint_bits=0, dtype=tdtype, device=dev)
-        name, extra = spec.name, getattr(model, "quant_extra", {})
+        tensors = random_tensors(module, cfg, dtype=tdtype, device=dev)
+        model, summary = build_model_and_summary(module, cfg, tensors, bits=bits,
+                                                 checkpoint_bits=0, dtype=tdtype, device=dev)
+        name, extra = spec.name, summary.extra()
     else:
         from llmchat.loader import load
 
