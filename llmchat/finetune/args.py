@@ -101,6 +101,7 @@ FLAGS = (
          "recompute each layer in backward (upstream always enables it)"),
     # llmchat's own
     Flag("device", STR, "auto", "auto | cpu | cuda | cuda:N | mps"),
+    Flag("threads", INT, None, "CPU threads (default: the free physical cores)"),
     Flag("dtype", STR, "auto", "base dtype: auto (fp16 on CUDA) | float32 | float16 | bfloat16"),
     Flag("temperature", FLOAT, 0.95, "eval/predict sampling temperature (0: greedy)"),
     Flag("top_p", FLOAT, 0.7, "eval/predict nucleus sampling"),

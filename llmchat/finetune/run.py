@@ -21,7 +21,7 @@ import torch
 
 from llmchat.errors import LLMChatError, UnsupportedCheckpointError, UsageError
 from llmchat.finetune.args import parse_args
-from llmchat.finetune.data import build_train_set, eval_features, read_examples
+from llmchat.finetune.data import Example, build_train_set, eval_features, read_examples
 from llmchat.finetune.train import (
     PREFIX_DROPOUT,
     StopRequested,
@@ -75,7 +75,7 @@ def load_base(args: Any) -> Base:
     elif dtype == "auto" and args.device != "cpu" and torch.cuda.is_available():
         dtype = "float16"  # upstream: model.half(), the prefix encoder kept in float32
     chat = load(model_path=path, device=args.device, dtype=dtype,
-                quant=args.quantization_bit or 16)
+                quant=args.quantization_bit or 16, threads=args.threads)
     chat.model.requires_grad_(False)
     hf = read_config(Path(path))
     return Base(chat, chat.module.__name__.endswith("chatglm2"),
@@ -150,7 +150,7 @@ def save_metrics(out: Path, split: str, metrics: dict[str, Any]) -> None:
     _write_json(allp, merged)
 
 
-def generate_split(args: Any, base: Base, encoder: PrefixEncoder, path: str, limit: int | None,
+def generate_split(args: Any, base: Base, encoder: PrefixEncoder, examples: list[Example],
                    split: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Generate for every example (one at a time, upstream's sampling: top_p 0.7, temperature
     0.95, up to max_source + max_target + 1 tokens in all) and score it."""
@@ -159,8 +159,6 @@ def generate_split(args: Any, base: Base, encoder: PrefixEncoder, path: str, lim
     from llmchat.types import GenerationConfig
 
     chat = base.chat
-    examples = read_examples(path, args.prompt_column, args.response_column,
-                             args.history_column, limit=limit)
     tok, model = chat.tokenizer, chat.model
     d = dims_of(chat.module.__name__, model.config)
     k, v = prefix_kv(encoder, d.layers, d.kv_heads, d.head_dim)
@@ -203,20 +201,31 @@ def run(argv: list[str]) -> int:
     args = parse_args(argv)
     check_output_dir(args)
     out = Path(args.output_dir).expanduser()
-    if args.predict_with_generate and (args.do_eval or args.do_predict):
+    if args.do_eval or args.do_predict:
+        if not args.predict_with_generate:
+            raise UsageError("--do_eval/--do_predict need --predict_with_generate (llmchat "
+                             "scores generated answers only)")
         from llmchat.finetune.metrics import require
 
         require()
     if args.device == "auto" and not torch.cuda.is_available():
         args.device = "cpu"
+    # the base's family and every data file are checked before the (slow) weight load
+    base_family(args.model_name_or_path)
+    splits = {name: read_examples(path, args.prompt_column, args.response_column,
+                                  args.history_column, limit=limit)
+              for name, flag, path, limit in (
+                  ("train", args.do_train, args.train_file, args.max_train_samples),
+                  ("eval", args.do_eval, args.validation_file, args.max_eval_samples),
+                  ("predict", args.do_predict, args.test_file, args.max_predict_samples))
+              if flag}
     torch.manual_seed(args.seed)  # HF set_seed: the dropout draws come from here
     base = load_base(args)
     check_backward(base.chat.model)
     encoder = encoder_for(args, base)
     results: dict[str, Any] = {}
     if args.do_train:
-        examples = read_examples(args.train_file, args.prompt_column, args.response_column,
-                                 args.history_column, limit=args.max_train_samples)
+        examples = splits["train"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows = build_train_set(examples, base.chat.tokenizer, base.glm2, args,
@@ -254,17 +263,11 @@ def run(argv: list[str]) -> int:
         log(f"trained to step {trainer.state.global_step}: "
             f"{out / f'checkpoint-{trainer.state.global_step}'}")
     encoder.eval()
-    for flag, split, path, limit in (("do_eval", "eval", args.validation_file,
-                                      args.max_eval_samples),
-                                     ("do_predict", "predict", args.test_file,
-                                      args.max_predict_samples)):
-        if not getattr(args, flag):
+    for split in ("eval", "predict"):
+        if split not in splits:
             continue
-        if not args.predict_with_generate:
-            raise UsageError(f"--{flag} needs --predict_with_generate (llmchat scores generated "
-                             "answers only)")
         with torch.no_grad():
-            metrics, pairs = generate_split(args, base, encoder, path, limit, split)
+            metrics, pairs = generate_split(args, base, encoder, splits[split], split)
         save_metrics(out, split, metrics)
         results.update(metrics)
         if split == "predict":
