@@ -28,6 +28,14 @@ SEED = ("--do_train --train_file SpamClassify/train.json --validation_file SpamC
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():  # type: ignore[no-untyped-def]
+    """``--threads 1`` sets torch's thread count for this process: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def soften(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights 5x smaller than the shared tiny checkpoints' (std 0.1, closer to a trained
     model's scale), so a prefix can steer the tiny model within a few steps."""
@@ -183,9 +191,7 @@ def test_eval_preprocessing_golden_ids() -> None:
 # -- the loss and its gradients ----------------------------------------------------------------
 def reference_loss(chat, encoder, rows) -> float:  # type: ignore[no-untyped-def]
     """Cross entropy from the inference path (prefix in the KV cache, one row at a time, no
-    padding), averaged over every supervised token of the batch, in float64 Python."""
-    import math
-
+    padding), averaged over every supervised token of the batch, in float64."""
     from llmchat.finetune.train import dims_of
     from llmchat.ptuning import prefix_kv
 
@@ -200,9 +206,7 @@ def reference_loss(chat, encoder, rows) -> float:  # type: ignore[no-untyped-def
         for t in range(len(r.labels) - 1):
             y = r.labels[t + 1]
             if y != -100:
-                row = logits[t].tolist()
-                mx = max(row)
-                total += mx + math.log(sum(math.exp(x - mx) for x in row)) - row[y]
+                total += float(torch.logsumexp(logits[t], 0) - logits[t, y])
                 n += 1
     return total / n
 
@@ -283,19 +287,18 @@ def test_trained_prefix_learns_the_answer_and_loads_through_ptuning_checkpoint(
             assert res.returncode == 0, res.stderr
             return res.stdout.strip()
         assert ask("--ptuning-checkpoint", str(ck)) == "垃圾"
-        assert ask() != "垃圾"
-    else:
-        m = load(model_path=bases[family], device="cpu", dtype="float32", ptuning=ck)
-        gen = m.defaults.with_(temperature=0, max_new_tokens=8)
-        assert m.chat([Message("user", "你好")], gen) == "垃圾"
-        m.set_prefix(None)
-        assert m.chat([Message("user", "你好")], gen) != "垃圾"
+    m = load(model_path=bases[family], device="cpu", dtype="float32", ptuning=ck)
+    gen = m.defaults.with_(temperature=0, max_new_tokens=8)
+    assert m.chat([Message("user", "你好")], gen) == "垃圾"
+    m.set_prefix(None)
+    assert m.chat([Message("user", "你好")], gen) != "垃圾"  # the prefix made the difference
 
 
-def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path) -> None:
+@pytest.mark.slow
+def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path, capsys) -> None:
     rows = [{"content": f"第{i}条评论 buy now", "label": str(i % 2)} for i in range(5)]
     train = write_jsonl(tmp_path / "train.json", rows)
-    common = ["--max_steps", "24", "--gradient_accumulation_steps", "2",
+    common = ["--max_steps", "16", "--gradient_accumulation_steps", "2",
               "--per_device_train_batch_size", "2", "--learning_rate", "0.5",
               "--warmup_steps", "3", "--logging_steps", "1", "--save_steps", "100"]
 
@@ -303,9 +306,8 @@ def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path) ->
         return [sys.executable, "-m", "llmchat", "finetune",
                 *argv(bases["glm2"], out, train, *common, *extra)]
 
-    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=120,
-                          env=ENV)
-    assert full.returncode == 0, full.stderr
+    assert main(cmd(tmp_path / "full")[4:]) == 0  # the uninterrupted run, in this process
+    capsys.readouterr()
     part = tmp_path / "part"
     proc = subprocess.Popen(cmd(part), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, env=ENV)
@@ -321,13 +323,13 @@ def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path) ->
     assert "Traceback" not in "".join(err)
     (ck,) = part.glob("checkpoint-*")
     step = int(ck.name.split("-")[1])
-    assert 0 < step < 24
+    assert 0 < step < 16
     assert f"--resume_from_checkpoint {ck}" in "".join(err)
     res = subprocess.run(cmd(part, "--resume_from_checkpoint", str(ck)), capture_output=True,
                          text=True, timeout=120, env=ENV)
     assert res.returncode == 0, res.stderr
-    a = torch.load(tmp_path / "full/checkpoint-24/pytorch_model.bin", weights_only=True)
-    b = torch.load(part / "checkpoint-24/pytorch_model.bin", weights_only=True)
+    a = torch.load(tmp_path / "full/checkpoint-16/pytorch_model.bin", weights_only=True)
+    b = torch.load(part / "checkpoint-16/pytorch_model.bin", weights_only=True)
     key = "transformer.prefix_encoder.embedding.weight"
     assert torch.equal(a[key], b[key])
     la = json.loads((tmp_path / "full/trainer_state.json").read_text())["log_history"]
