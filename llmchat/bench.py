@@ -128,9 +128,10 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         module = importlib.import_module(spec.module)
         cfg = shrink(module.Config(), layers)
         tdtype = resolve_dtype(dtype, dev, spec, bits)
-        model = build_model(module, cfg, random_tensors(module, cfg, dtype=tdtype, device=dev),
-                            bits=bits, checkpoint_bits=0, dtype=tdtype, device=dev)
-        name, extra = spec.name, getattr(model, "quant_extra", {})
+        tensors = random_tensors(module, cfg, dtype=tdtype, device=dev)
+        model, summary = build_model(module, cfg, tensors, bits=bits, checkpoint_bits=0,
+                                     dtype=tdtype, device=dev)
+        name, extra = spec.name, summary.extra()
     else:
         from llmchat.loader import load
 

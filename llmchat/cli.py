@@ -382,6 +382,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
         )
         if "prefix" in i.extra:
             err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
+        if "quant_cache" in i.extra:  # which path --quant took (llmchat.quant.cache)
+            err_console().print(f"[dim]{escape(visible(str(i.extra['quant_cache'])))}[/]")
     return model
 
 
