@@ -19,13 +19,18 @@ from tests.checkpoints import REPO, build_state_dict, chatglm2_checkpoint, chatg
 
 SEED = ("--do_train --train_file SpamClassify/train.json --validation_file SpamClassify/dev.json "
         "--prompt_column content --response_column label --overwrite_cache "
-        "--model_name_or_path ../../chatglm-6b --output_dir output/spamclassify-chatglm-6b-pt-4-2e-2 "
+        "--model_name_or_path ../../chatglm-6b "
+        "--output_dir output/spamclassify-chatglm-6b-pt-4-2e-2 "
         "--overwrite_output_dir --max_source_length 64 --max_target_length 64 "
         "--per_device_train_batch_size 1 --per_device_eval_batch_size 1 "
         "--gradient_accumulation_steps 16 --predict_with_generate --max_steps 300 "
         "--logging_steps 10 --save_steps 100 --learning_rate 2e-2 --pre_seq_len 128 "
         "--quantization_bit 8").split()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def env() -> dict[str, str]:
+    """The subprocess environment, read after conftest's isolation (LLMCHAT_HOME, HF_HOME)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +115,7 @@ def test_cli_runs_the_seed_command_and_refuses_a_qwen_base(tmp_path: Path) -> No
         write_jsonl(tmp_path / "SpamClassify" / name, [{"content": "加微信领红包", "label": "1"}])
     args = [a if a != "../../chatglm-6b" else str(qwen) for a in SEED]
     res = subprocess.run([sys.executable, "-m", "llmchat", "finetune", *args], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, env=ENV)
+                         capture_output=True, text=True, timeout=120, env=env())
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
@@ -149,7 +154,7 @@ GOLDEN = [
      [-100, -100, -100, 130004, 5, 66491, 130005]),
     ("glm", Example("你好", "1", None, 1), {"max_source": 2, "max_target": 3},  # a: 1, b: 1
      [5, 130001, 130004, 5, 130005], [-100, -100, 130004, 5, 130005]),
-    ("glm", Example("你好", "1", [("在吗", "在")], 1), {},  # [Round 0]\n问：在吗\n答：在\n[Round 1]...
+    ("glm", Example("你好", "1", [("在吗", "在")], 1), {},  # [Round 0]\n问：在吗\n答：在\n[Round 1]
      [53, 6945, 5, 8, 42, 4, 64286, 12, 63827, 63964, 4, 67342, 12, 63827, 4, 52, 6945, 5, 9,
       42, 4, 64286, 12, 74874, 4, 67342, 12, 130001, 130004, 5, 9, 130005],
      [-100] * 28 + [130004, 5, 9, 130005]),
@@ -283,7 +288,7 @@ def test_trained_prefix_learns_the_answer_and_loads_through_ptuning_checkpoint(
             res = subprocess.run(
                 [sys.executable, "-m", "llmchat", "ask", "-p", str(bases[family]), "--device",
                  "cpu", "--dtype", "float32", *cfg_gen, *extra, "你好"],
-                capture_output=True, text=True, timeout=120, env=ENV)
+                capture_output=True, text=True, timeout=120, env=env())
             assert res.returncode == 0, res.stderr
             return res.stdout.strip()
         assert ask("--ptuning-checkpoint", str(ck)) == "垃圾"
@@ -310,7 +315,7 @@ def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path, ca
     capsys.readouterr()
     part = tmp_path / "part"
     proc = subprocess.Popen(cmd(part), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=ENV)
+                            text=True, env=env())
     assert proc.stderr is not None
     err = []
     for line in proc.stderr:  # interrupt once training is under way
@@ -326,7 +331,7 @@ def test_sigint_then_resume_reaches_the_uninterrupted_prefix(bases, tmp_path, ca
     assert 0 < step < 16
     assert f"--resume_from_checkpoint {ck}" in "".join(err)
     res = subprocess.run(cmd(part, "--resume_from_checkpoint", str(ck)), capture_output=True,
-                         text=True, timeout=120, env=ENV)
+                         text=True, timeout=120, env=env())
     assert res.returncode == 0, res.stderr
     a = torch.load(tmp_path / "full/checkpoint-16/pytorch_model.bin", weights_only=True)
     b = torch.load(part / "checkpoint-16/pytorch_model.bin", weights_only=True)
@@ -408,3 +413,53 @@ def test_long_labels_warn_once(bases, tmp_path, capsys) -> None:
                      "--max_steps", "1")) == 0
     warns = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(warns) == 1 and "line 1 and 1 more" in warns[0] and "3 tokens" in warns[0]
+
+
+# -- quantized base (--quantization_bit 4|8) ---------------------------------------------------
+@pytest.mark.parametrize("family,bits", [("glm", 8), ("glm2", 8), ("glm2", 4)])
+def test_prefix_gradients_through_a_quantized_base(bases, family, bits) -> None:
+    """Loss and prefix gradients with int8/int4 linears equal those of a float model holding
+    the dequantized weights: the backward runs through the quantized layers' inputs."""
+    from llmchat.finetune.train import check_backward, collate, dims_of, new_encoder, prefix_loss
+    from llmchat.loader import load
+    from llmchat.quant import QuantizedLinear
+
+    q = load(model_path=bases[family], device="cpu", dtype="float32", quant=bits)
+    f = load(model_path=bases[family], device="cpu", dtype="float32")
+    for m in (q, f):
+        m.model.requires_grad_(False)
+    check_backward(q.model)  # no QuantizationError: the backward exists
+    qmods = {n: m for n, m in q.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert qmods
+    for name, mod in qmods.items():
+        f.model.get_submodule(name).weight.copy_(mod.dequantize(torch.float32))
+    d = dims_of(q.module.__name__, q.model.config)
+    row = train_features(Example("你好", "垃圾", None, 1), q.tokenizer, d.glm2, source_prefix="",
+                         max_source=64, max_target=64)
+    ids, labels = collate([row], q.tokenizer.pad_id, torch.device("cpu"))
+    out = []
+    for m in (q, f):
+        enc = new_encoder(d, 3, False, seed=1)
+        loss = prefix_loss(m.model, d, enc, ids, labels, dtype=torch.float32, dropout=0.0)
+        (g,) = torch.autograd.grad(loss, enc.embedding.weight)
+        out.append((float(loss.detach()), g))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-4)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-3, atol=1e-5)
+    assert out[0][1].abs().sum() > 0
+
+
+def test_int4_base_trains_the_answer(bases, tmp_path, capsys) -> None:
+    from llmchat.loader import load
+    from llmchat.types import Message
+
+    train = write_jsonl(tmp_path / "train.json", [{"content": "你好", "label": "垃圾"}])
+    out = tmp_path / "out"
+    assert main(argv(bases["glm2"], out, train, "--max_steps", "30", "--learning_rate", "3",
+                     "--lr_scheduler_type", "constant", "--logging_steps", "30",
+                     "--save_steps", "30", "--pre_seq_len", "8",
+                     "--quantization_bit", "4")) == 0, capsys.readouterr().err
+    assert "int4" in capsys.readouterr().err
+    m = load(model_path=bases["glm2"], device="cpu", dtype="float32", quant=4,
+             ptuning=out / "checkpoint-30")
+    gen = m.defaults.with_(temperature=0, max_new_tokens=8)
+    assert m.chat([Message("user", "你好")], gen) == "垃圾"
