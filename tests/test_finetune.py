@@ -463,3 +463,12 @@ def test_int4_base_trains_the_answer(bases, tmp_path, capsys) -> None:
              ptuning=out / "checkpoint-30")
     gen = m.defaults.with_(temperature=0, max_new_tokens=8)
     assert m.chat([Message("user", "你好")], gen) == "垃圾"
+
+
+def test_missing_metric_libraries_name_the_extra(monkeypatch) -> None:
+    from llmchat.errors import LLMChatError
+    from llmchat.finetune.metrics import compute_metrics
+
+    monkeypatch.setitem(sys.modules, "rouge_chinese", None)  # as if not installed
+    with pytest.raises(LLMChatError, match=r"rouge_chinese: pip install 'llmchat\[finetune\]'"):
+        compute_metrics(["1"], ["1"])
