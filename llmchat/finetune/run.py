@@ -243,6 +243,10 @@ def run(argv: list[str]) -> int:
             f"{trainer.total} steps ({base.chat.info.device}, base {base.chat.info.dtype}"
             f"{f', int{args.quantization_bit}' if args.quantization_bit else ''}, "
             f"prefix dropout {PREFIX_DROPOUT})")
+        if base.chat.device.type == "cpu" and base.dtype == torch.bfloat16:
+            log("note: on CPUs without native bfloat16 matmul, the backward through bfloat16 "
+                "linears is far slower than float32 (benchmarks/bench_finetune.py); "
+                "--dtype float32 if memory allows")
         bar = ProgressBar(trainer.total) if sys.stderr.isatty() else None
         with sigint_at_step_boundary() as stop:
             try:
