@@ -181,3 +181,30 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         threads=torch.get_num_threads(), extra=dict(extra, layers=cfg.num_layers),
         decode_path=step.path if step is not None else "eager",
     )
+
+
+def result_table(r: BenchResult) -> Any:
+    """``r`` as the rich ``Table`` that ``llmchat bench`` prints."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
+        f"{r.extra.get('layers')} layers · {r.threads} threads",
+        box=None,
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in (
+        ("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
+        ("time to first token", f"{r.ttft_ms:,.1f} ms"),
+        ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
+        ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
+        ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
+        ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
+        ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
+        ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
+        ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
+        ("decode path", r.decode_path),
+    ):
+        t.add_row(k, v)
+    return t

@@ -253,15 +253,12 @@ LAYER_KEY = re.compile(r"^(.+)\.(\d+)\.")
 
 def check_layer_counts(cfg: Any, keys: Iterable[str], source: str) -> None:
     """Each layer stack's size in config.json must match the checkpoint's own layer keys."""
-    counts = getattr(cfg, "layer_counts", None)
-    if counts is None:
-        return
     seen: dict[str, set[int]] = {}
     for key in keys:
         m = LAYER_KEY.match(key)
         if m:
             seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-    for prefix, (json_key, n) in counts().items():
+    for prefix, (json_key, n) in cfg.layer_counts().items():
         got = seen.get(prefix, set())
         if got != set(range(n)):
             have = f"layers {min(got)}..{max(got)} ({len(got)} in all)" if got else "no layers"
