@@ -7,7 +7,8 @@ seed-like example: a ~40-token comment, a 1-token label, ``--pre_seq_len 128``, 
 
 Each mode runs in its own process (so one mode's allocations do not inflate another's peak),
 alternating the order over ``--rounds``. Reported per mode: weights resident after the build,
-the peak during training above that (activations, recomputation, optimizer state; CPU: the
+the peak during training above that (activations, recomputation, optimizer state, from the
+first step on; CPU: the
 process's VmHWM after resetting it; CUDA: ``max_memory_allocated``), and steps/s. Ratios to
 the bf16 base measured in the same run are what to compare across machines.
 
@@ -95,7 +96,6 @@ def one(mode: str, a: argparse.Namespace) -> dict[str, float | str]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (allocates the optimizer state)
     sync()
     if dev.type == "cuda":
         base = torch.cuda.memory_allocated(dev)
@@ -106,6 +106,8 @@ def one(mode: str, a: argparse.Namespace) -> dict[str, float | str]:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
+    step()  # warm-up (allocates the optimizer state); its peak counts, its time does not
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()

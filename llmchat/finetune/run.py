@@ -167,8 +167,8 @@ def generate_split(args: Any, base: Base, encoder: PrefixEncoder, examples: list
     cfg = GenerationConfig(temperature=args.temperature, top_p=args.top_p, top_k=50,
                            seed=args.seed, max_length=max_length)
     stop = frozenset(chat.arch.stop_ids(tok))
-    sample = make_sampler(cfg, eos_ids=sorted(stop),
-                          invalid_fallback_id=chat.arch.invalid_fallback_id, device=chat.device)
+    sample = make_sampler(cfg, eos_ids=sorted(stop), invalid_guard=chat.arch.invalid_scores,
+                          device=chat.device)
     pairs: list[tuple[str, str]] = []
     t0 = time.perf_counter()
     for ex in examples:
