@@ -98,7 +98,7 @@ def encoder_for(args: Any, base: Base) -> PrefixEncoder:
             enc.load_state_dict({k: v.float() for k, v in enc_sd.items()}, strict=True)
         except RuntimeError as e:
             raise UsageError(f"--ptuning_checkpoint {args.ptuning_checkpoint} does not fit this "
-                             f"base ({str(e).splitlines()[1].strip()})") from None
+                             f"base ({str(e).strip().splitlines()[-1].strip()})") from None
     else:
         enc = new_encoder(d, args.pre_seq_len, args.prefix_projection, args.seed)
     return enc.to(base.chat.device)
