@@ -788,6 +788,15 @@ def logs_cmd(
     guarded(debug, run)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def finetune(ctx: typer.Context) -> None:
+    """Train a P-tuning v2 prefix with THUDM ptuning/main.py's flags (--help lists them)."""
+    from llmchat.finetune.run import run
+
+    raise typer.Exit(guarded("--debug" in ctx.args, lambda: run(list(ctx.args))))
+
+
 def _quiet_broken_pipe(self: Console) -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(ExitCode.SUCCESS)
