@@ -1,4 +1,5 @@
-"""Server benchmark: requests/s and p50/p95 latency of ``llmchat serve`` under a bounded load.
+"""Server benchmark: requests/s and p50/p95 latency of ``llmchat serve`` under a bounded load,
+and (``--turns N``) what the cross-request prefix cache saves on a growing conversation.
 
 Starts ``llmchat serve`` on a free 127.0.0.1 port (a tiny random ChatGLM2 checkpoint unless
 ``--model-path`` is given), then sends ``--requests`` chat completions from ``--concurrency``
@@ -6,8 +7,16 @@ client threads (greedy, ``--max-tokens`` each; ``--stream`` to measure streamed 
 the time to the first content chunk is reported too). The server runs one generation at a time,
 so concurrency measures queueing, not batching.
 
+``--turns N`` instead starts two servers on the same checkpoint, one reusing the KV cache across
+requests and one recomputing (``LLMCHAT_KV_REUSE=0``), and sends each the same N-turn greedy
+conversation as growing ``messages`` arrays, alternating which side goes first each turn. It
+prints each turn's latency, prompt and cached tokens (``usage.prompt_tokens_details``) per side,
+and the recompute / reuse latency ratio; ``--hidden H`` widens the random checkpoint so prefill
+costs something (the default tiny one is all overhead).
+
     python benchmarks/bench_server.py [--requests 32] [--concurrency 4] [--max-tokens 32]
                                       [--stream] [--model-path DIR] [--json]
+    python benchmarks/bench_server.py --turns 8 [--hidden 512] [--max-tokens 16]
 """
 
 from __future__ import annotations
@@ -41,12 +50,86 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def start_server(model_path: str, device: str, tmp: str, tag: str,
+                 env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env.pop("LLMCHAT_API_KEY", None)
+    logfile = Path(tmp) / f"server-{tag}.log"
+    with logfile.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmchat", "serve", "-p", model_path, "--device", device,
+             "--port", str(port), "--no-log"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not start: " + logfile.read_text())
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def turns_bench(args: argparse.Namespace, model_path: str, tmp: str) -> dict[str, Any]:
+    """One growing conversation on a reusing and a recomputing server, alternating sides."""
+    import httpx
+
+    sides = {"reuse": {}, "recompute": {"LLMCHAT_KV_REUSE": "0"}}
+    procs = {k: start_server(model_path, args.device, tmp, k, env) for k, env in sides.items()}
+    rows: list[dict[str, Any]] = []
+    try:
+        history: dict[str, list[dict[str, str]]] = {k: [] for k in sides}
+        question = "请详细介绍一下你自己，以及你能做些什么事情。"
+        with httpx.Client(timeout=600) as client:
+            for turn in range(args.turns):
+                row: dict[str, Any] = {"turn": turn + 1}
+                order = list(sides) if turn % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    msgs = [*history[side], {"role": "user", "content": f"{turn + 1}. {question}"}]
+                    t0 = time.perf_counter()
+                    r = client.post(procs[side][1] + "/v1/chat/completions", json={
+                        "messages": msgs, "temperature": 0, "max_tokens": args.max_tokens})
+                    r.raise_for_status()
+                    dt = time.perf_counter() - t0
+                    data = r.json()
+                    usage = data["usage"]
+                    reply = data["choices"][0]["message"]["content"]
+                    history[side] = [*msgs, {"role": "assistant", "content": reply}]
+                    row[f"{side}_s"] = round(dt, 4)
+                    row[f"{side}_cached"] = usage["prompt_tokens_details"]["cached_tokens"]
+                    row["prompt_tokens"] = usage["prompt_tokens"]
+                row["same_reply"] = history["reuse"][-1] == history["recompute"][-1]
+                row["ratio"] = round(row["recompute_s"] / row["reuse_s"], 2)
+                rows.append(row)
+    finally:
+        codes = {k: stop_server(p) for k, (p, _) in procs.items()}
+    return {"turns": rows, "server_exit_codes": codes,
+            "last_turn_ratio": rows[-1]["ratio"] if rows else None,
+            "all_replies_equal": all(r["same_reply"] for r in rows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--turns", type=int, default=0, help="the prefix-cache benchmark instead")
+    ap.add_argument("--hidden", type=int, default=64, help="random checkpoint width")
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true")
@@ -59,27 +142,30 @@ def main() -> None:
     if model_path is None:
         from tests.checkpoints import chatglm2_checkpoint
 
-        model_path = str(chatglm2_checkpoint(Path(tmp.name) / "chatglm2-6b"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.pop("LLMCHAT_API_KEY", None)
-    log = open(Path(tmp.name) / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmchat", "serve", "-p", model_path, "--device", args.device,
-         "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        h = args.hidden
+        wide = {} if h == 64 else {"hidden_size": h, "num_attention_heads": max(1, h // 64),
+                                   "kv_channels": min(h, 64), "ffn_hidden_size": 3 * h}
+        model_path = str(chatglm2_checkpoint(Path(tmp.name) / "chatglm2-6b", seq_length=8192,
+                                             **wide))
+    if args.turns:
+        try:
+            result = turns_bench(args, model_path, tmp.name)
+        finally:
+            tmp.cleanup()
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(f"{'turn':>4} {'prompt':>6} {'cached':>6} {'reuse s':>8} {'recompute s':>11} "
+              f"{'ratio':>5} same")
+        for r in result["turns"]:
+            print(f"{r['turn']:>4} {r['prompt_tokens']:>6} {r['reuse_cached']:>6} "
+                  f"{r['reuse_s']:>8.3f} {r['recompute_s']:>11.3f} {r['ratio']:>5.2f} "
+                  f"{'yes' if r['same_reply'] else 'NO'}")
+        print(f"exit codes {result['server_exit_codes']}; replies equal: "
+              f"{result['all_replies_equal']}")
+        return
+    proc, url = start_server(model_path, args.device, tmp.name, "load")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start: "
-                                 + (Path(tmp.name) / "server.log").read_text())
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-
         questions = ["你好", "hello", "介绍一下北京", "what is 1+1?"]
         latencies: list[float] = []
         firsts: list[float] = []
@@ -136,12 +222,7 @@ def main() -> None:
             t.join()
         wall = time.perf_counter() - t0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_server(proc)
         tmp.cleanup()
 
     result = {

@@ -21,7 +21,12 @@ from torch import nn
 
 from llmchat.generate import generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
-from llmchat.loader import build_model, peak_rss_bytes, resolve_device, resolve_dtype
+from llmchat.loader import (
+    build_model_and_summary,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from llmchat.registry import ModelSpec, resolve
 from llmchat.types import GenerationConfig, parse_quant
 
@@ -128,9 +133,10 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         module = importlib.import_module(spec.module)
         cfg = shrink(module.Config(), layers)
         tdtype = resolve_dtype(dtype, dev, spec, bits)
-        model = build_model(module, cfg, random_tensors(module, cfg, dtype=tdtype, device=dev),
-                            bits=bits, checkpoint_bits=0, dtype=tdtype, device=dev)
-        name, extra = spec.name, getattr(model, "quant_extra", {})
+        tensors = random_tensors(module, cfg, dtype=tdtype, device=dev)
+        model, summary = build_model_and_summary(module, cfg, tensors, bits=bits,
+                                                 checkpoint_bits=0, dtype=tdtype, device=dev)
+        name, extra = spec.name, summary.extra()
     else:
         from llmchat.loader import load
 
@@ -180,3 +186,30 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         threads=torch.get_num_threads(), extra=dict(extra, layers=cfg.num_layers),
         decode_path=step.path if step is not None else "eager",
     )
+
+
+def result_table(r: BenchResult) -> Any:
+    """``r`` as the rich ``Table`` that ``llmchat bench`` prints."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
+        f"{r.extra.get('layers')} layers · {r.threads} threads",
+        box=None,
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in (
+        ("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
+        ("time to first token", f"{r.ttft_ms:,.1f} ms"),
+        ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
+        ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
+        ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
+        ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
+        ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
+        ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
+        ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
+        ("decode path", r.decode_path),
+    ):
+        t.add_row(k, v)
+    return t

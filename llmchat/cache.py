@@ -1,20 +1,28 @@
-"""A preallocated, static key/value cache shared by every decoder.
+"""The key/value cache shared by every decoder; models subclass it for per-sequence state.
 
-The buffers are allocated once for ``max_len`` positions, so memory does not grow during a
-conversation and the one-token decode step always sees tensors of the same shape (what CUDA
-graph capture needs). Layers write their new keys/values at ``offset`` and read ``[:offset+T]``;
-the model advances ``offset`` once per forward, after the last layer.
+The buffers are preallocated for ``max_len`` positions (doubling on demand up to ``limit``), so
+the one-token decode step always sees tensors of the same shape (what CUDA graph capture
+needs). Layers write their new keys/values at ``offset`` with ``update`` and attend over what
+it returns, masked with ``key_mask()`` when that is not None; the model calls ``advance`` once
+per forward, after the last layer.
 
-In *static* mode (``static = True``, one token per step) the cache is addressed through the
-device tensor ``pos`` instead of the Python int ``offset``: keys/values are written at ``pos``
-and attention runs over the whole buffer with ``valid_mask()``. Nothing in such a step depends
-on Python-side values, so it can be captured once in a CUDA graph and replayed
-(``llmchat.graphs.StaticDecoder``); the caller advances ``offset`` after each replay.
+A model whose positions depend on more than the offset keeps that state in a typed subclass
+with named fields, which it updates itself (ChatGLM-6B's 2D positions: ``chatglm.Cache``;
+Qwen's dynamic-NTK factor: ``qwen.Cache``). Device tensors a decode step advances in place are
+listed by ``device_state()``, so a captured step can be warmed up and put back.
+
+A *static* step (``with cache.static_step():``, one token) is addressed through the device
+tensor ``pos`` instead of the Python int ``offset``: keys/values are written at ``pos`` and
+``update`` returns the whole buffer, with ``key_mask()`` hiding the unwritten slots. Nothing in
+such a step depends on Python-side values, so it can be captured once in a CUDA graph and
+replayed (``llmchat.graphs.StaticDecoder``); the caller advances ``offset`` after each replay.
+Only this file reads the static flag.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -42,14 +50,7 @@ class KVCache:
         self.prefix_len = 0  # P-tuning prefix keys/values held in slots [0, P) (set_prefix)
         self.static = False
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # device mirror of offset
-        # Per-sequence facts a model derives at prefill and reuses when decoding
-        # (Qwen's NTK factor). Cleared by reset().
-        self.meta: dict[str, Any] = {}
-        # Per-sequence device tensors a decode step reads and updates in place (ChatGLM-6B's
-        # mask and block positions). They keep their storage across sequences, so a captured
-        # step stays valid; ``state_version`` changes when one has to be reallocated.
-        self.state: dict[str, torch.Tensor] = {}
-        self.state_version = 0
+        self.state_version = 0  # bumped when a device_state() tensor is reallocated
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +61,34 @@ class KVCache:
         return self.k.dtype
 
     def reset(self) -> None:
+        """Start a new sequence (subclasses also forget their per-sequence state)."""
         self.offset = self.prefix_len  # the prefix slots stay written across sequences
-        self.meta.clear()
+
+    def reusable(self, prompt_len: int) -> bool:
+        """Whether keys/values cached for an earlier prompt stay valid for a new prompt of
+        ``prompt_len`` tokens sharing its start (Qwen: only under the same NTK factor)."""
+        return True
+
+    def device_state(self) -> tuple[torch.Tensor, ...]:
+        """Per-sequence device tensors a decode step updates in place (none here)."""
+        return ()
+
+    def keep(self, cur: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``new`` stored in the state tensor ``cur``: in place when it fits, so a captured
+        step over ``cur`` stays valid; else a copy, and ``state_version`` changes."""
+        if cur.shape == new.shape and cur.dtype == new.dtype:
+            return cur.copy_(new)
+        self.state_version += 1
+        return new.clone()
+
+    @contextmanager
+    def static_step(self) -> Iterator[None]:
+        """Address the cache through ``pos`` for one static (capturable) decode step."""
+        self.static = True
+        try:
+            yield
+        finally:
+            self.static = False
 
     def set_prefix(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         """Hold a P-tuning prefix, keys/values (layers, H_kv, P, D), in the first P slots (None:
@@ -78,15 +105,6 @@ class KVCache:
             self.prefix_len = p
         self.reset()
 
-    def set_state(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """Store ``value`` in the persistent state tensor ``key`` (in place when it fits)."""
-        cur = self.state.get(key)
-        if cur is not None and cur.shape == value.shape and cur.dtype == value.dtype:
-            return cur.copy_(value)
-        self.state[key] = value.clone()
-        self.state_version += 1
-        return self.state[key]
-
     def positions(self, t: int) -> torch.Tensor:
         """Absolute positions of the next ``t`` tokens, shape (T,)."""
         if self.static:
@@ -97,6 +115,11 @@ class KVCache:
     def valid_mask(self) -> torch.Tensor:
         """(1, 1, 1, max_len) bool, True for the keys a static step may attend to."""
         return (torch.arange(self.max_len, device=self.device) <= self.pos).view(1, 1, 1, -1)
+
+    def key_mask(self) -> torch.Tensor | None:
+        """Which keys ``update`` returned a new token may see: None when all of them (the
+        written slots), in a static step ``valid_mask()`` over the whole buffer."""
+        return self.valid_mask() if self.static else None
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor

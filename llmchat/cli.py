@@ -3,7 +3,10 @@
 Heavy imports (torch, the models, the REPL) happen inside the commands, so ``llmchat --help``
 and ``llmchat models`` start instantly. Only model text goes to stdout; errors, notices and
 timings go to stderr. Expected failures print one ``error:`` line and exit 1 (2 for usage);
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. What is not command-line work lives elsewhere: stdin
+decoding in ``stdin``, the conversation and its log hook (``-c``/``--cid``) in ``session``, the
+``models``/``bench`` tables in ``registry.catalog_table``/``bench.result_table``, the log's
+formatting in ``logs``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from llmchat.errors import LLMChatError, UsageError
+from llmchat.session import attach_log, check_system, new_conversation, resume
+from llmchat.stdin import MAX_INPUT_BYTES, decode_input, read_stdin, stdin_lines
 from llmchat.termsafe import visible
 from llmchat.types import GenerationConfig, parse_quant
 
@@ -382,6 +387,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
         )
         if "prefix" in i.extra:
             err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
+        if "quant_cache" in i.extra:  # which path --quant took (llmchat.quant.cache)
+            err_console().print(f"[dim]{escape(visible(str(i.extra['quant_cache'])))}[/]")
         if "prefill_path" in i.extra:
             err_console().print(f"[dim]prefill: {escape(str(i.extra['prefill_path']))}[/]")
     return model
@@ -413,97 +420,6 @@ class Stdout:
             cls.write("\n")
 
 
-def check_system(opts: RunOptions, model: ChatModel) -> None:
-    """``--system`` against the model: ``-s ""`` means no system prompt (an empty one where the
-    model has a system role, as upstream's ``chat(system="")``)."""
-    if opts.system is not None and not model.supports_system:
-        if opts.system.strip():
-            raise UsageError(f"{model.name} has no system role; --system is not available")
-        opts.system = None
-
-
-def new_conversation(opts: RunOptions, model: ChatModel) -> Conversation:
-    from llmchat.conversation import Conversation
-
-    check_system(opts, model)
-    conv = Conversation(model, opts.config(model), system=opts.system)
-    attach_log(opts, model, conv)
-    return conv
-
-
-def attach_log(opts: RunOptions, model: ChatModel, conv: Conversation) -> None:
-    """Give ``conv`` the continued turns and id (``-c``/``--cid``) and the log hook."""
-    if opts.cid:
-        conv.id = opts.cid
-        conv.turns = list(opts.history or [])
-    if not opts.log:
-        return
-    from llmchat import logs
-
-    if not logs.enabled():
-        return
-    i = model.info
-    logger = logs.Logger(
-        model=model.name, model_path=str(i.path) if i.path else opts.model_path,
-        options={"quant": i.quant, "dtype": i.dtype, "device": i.device,
-                 "requested": {"device": opts.device, "dtype": opts.dtype,
-                               "quant": opts.quant}},
-    )
-
-    def log(c: Conversation, question: Any, reply: Reply) -> None:
-        # the P-tuning prefix active for this turn (/prefix may switch it mid-chat)
-        settings = {**c.config.to_dict(), "ptuning_prefix": model.info.extra.get("prefix")}
-        logger.log(c.id, question.content, c.system, reply.text, reply.stats, settings,
-                   image=question.image)
-
-    conv.log = log
-
-
-def resume(opts: RunOptions, cont: bool, cid: str | None) -> None:
-    """``-c``/``--cid``: find the logged conversation, reuse its model and options unless
-    flags override them, and keep its turns for the new Conversation."""
-    if not cont and not cid:
-        return
-    from pathlib import Path
-
-    from llmchat import logs
-    from llmchat.types import Message
-
-    try:
-        db = logs.open_existing()
-    except logs.LogError as exc:
-        raise LLMChatError(str(exc)) from None
-    row = None
-    if db is not None:
-        row = logs.get_conversation(db, cid) if cid else logs.latest_conversation(db)
-    if row is None:
-        if cid:
-            raise UsageError(f"no logged conversation with id {cid!r} "
-                             "(see `llmchat logs list`)")
-        raise UsageError("the conversation log is empty: nothing to continue "
-                         "(start one with `llmchat chat` or `llmchat ask`)")
-    saved = json.loads(row["options"] or "{}")
-    if not opts.model and not opts.model_path:
-        path = row["model_path"]
-        if path and not Path(path).exists():
-            raise UsageError(f"conversation {row['id']} used the model at {path}, which no "
-                             "longer exists: pass --model-path DIR or --model NAME")
-        opts.model_path = path
-        if not path:
-            opts.model = row["model"]
-    req = saved.get("requested", {})
-    for key, default in (("device", "auto"), ("dtype", "auto"), ("quant", "16")):
-        if getattr(opts, key) == default and req.get(key):
-            setattr(opts, key, str(req[key]))
-    if opts.system is None and saved.get("system") is not None:
-        opts.system = saved["system"]
-    opts.cid = row["id"]
-    history = []
-    for t in logs.turns(db, row["id"]):
-        history += [Message("user", t["prompt"], t["image"]), Message("assistant", t["response"])]
-    opts.history = history
-
-
 def run_turn(
     conv: Conversation, question: str, *, image: str | None = None, stream: bool, verbose: bool
 ) -> Reply:
@@ -532,56 +448,6 @@ def run_turn(
             f"({s.finish_reason})[/]"
         )
     return reply
-
-
-MAX_INPUT_BYTES = 4 << 20  # one question (piped stdin, one line of a piped chat)
-
-
-def decode_input(data: bytes, what: str, *, utf16: bool = True) -> str:
-    """Bytes from stdin as text by one rule for every model: UTF-8 (a UTF-8 byte order mark,
-    and with ``utf16`` a UTF-16 one, is honoured); anything else is a ``UsageError`` naming
-    where it breaks."""
-    boms = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
-    for bom, codec in boms if utf16 else boms[:1]:
-        if data.startswith(bom):
-            data, enc = data[len(bom):], codec
-            break
-    else:
-        enc = "utf-8"
-    try:
-        text = data.decode(enc)
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} is not valid {enc.upper()} text (byte {exc.start})") from None
-    if "\x00" in text:
-        raise UsageError(f"{what} contains NUL characters (binary data, or UTF-16 without a "
-                         "byte order mark?)")
-    return text
-
-
-def read_stdin() -> str | None:
-    if sys.stdin is None or sys.stdin.isatty():
-        return None
-    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
-    if len(data) > MAX_INPUT_BYTES:
-        raise UsageError(f"stdin is over {MAX_INPUT_BYTES >> 20} MiB")
-    return decode_input(data, "stdin")
-
-
-def stdin_lines() -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes without the line end), None for a line over ``MAX_INPUT_BYTES``
-    (its rest is skipped), without ever holding more than one such line."""
-    n, buf = 0, sys.stdin.buffer
-    while True:
-        raw = buf.readline(MAX_INPUT_BYTES + 1)
-        if not raw:
-            return
-        n += 1
-        if len(raw) > MAX_INPUT_BYTES and not raw.endswith(b"\n"):
-            while (more := buf.readline(MAX_INPUT_BYTES)) and not more.endswith(b"\n"):
-                pass
-            yield n, None
-            continue
-        yield n, raw.rstrip(b"\r\n")
 
 
 def one_shot(
@@ -743,7 +609,7 @@ def image(
 ) -> None:
     """Chat about a picture with VisualGLM-6B."""
     opts.validate()
-    from llmchat.models.visualglm import check_image
+    from llmchat.images import check_image
 
     check_image(path)
     if question is None:
@@ -769,17 +635,27 @@ def serve(
     max_queue: Annotated[
         int | None, typer.Option(min=0, help="Requests that may wait for the model (more: 429)")
     ] = None,
+    allow_local_images: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="VisualGLM: also accept file:// URLs / absolute paths "
+                     "of images inside DIR (default: data: URIs only)"),
+    ] = None,
+    no_log: NoLogOpt = False,
     opts: RunOptions,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     opts.validate()
-    from llmchat.server import require_serve_deps
+    from llmchat.server import check_image_dir, require_serve_deps
     from llmchat.server import serve as run_server
 
     require_serve_deps()
+    if allow_local_images is not None:
+        check_image_dir(allow_local_images)
     model = load_model(opts, default_model="chatglm2-6b")
     run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
-               max_queue=max_queue)
+               max_queue=max_queue, allow_local_images=allow_local_images,
+               conversation_log=not no_log,
+               requested={"device": opts.device, "dtype": opts.dtype, "quant": opts.quant})
 
 
 @app.command()
@@ -787,54 +663,13 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """List the supported models, their hub ids, and which are in the local cache."""
-    from llmchat.registry import cached_snapshot
-    from llmchat.registry import models as all_models
+    from llmchat.registry import catalog, catalog_table
 
-    rows = []
-    for spec in all_models().values():
-        cached = cached_snapshot(spec)
-        rows.append(
-            {
-                "name": spec.name,
-                "aliases": list(spec.aliases),
-                "hub_id": spec.hub_id,
-                "images": spec.supports_images,
-                "memory_gb": spec.memory_gb,
-                "cached": str(cached) if cached else None,
-                "description": spec.description,
-                "quantized": [  # official pre-quantized repos, fetched for --quant N
-                    {"name": f"{spec.name}-int{bits}", "quant": bits, "hub_id": repo,
-                     "cached": str(c) if (c := cached_snapshot(repo)) else None}
-                    for bits, repo in sorted(spec.quantized.items())
-                ],
-            }
-        )
+    rows = catalog()
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
-        table.add_column(col, no_wrap=col in ("name", "hub id"))
-    for r in rows:
-        mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
-        table.add_row(
-            r["name"],
-            ", ".join(r["aliases"]),
-            r["hub_id"],
-            mem,
-            "[green]yes[/]" if r["cached"] else "[dim]no[/]",
-        )
-        for q in r["quantized"]:
-            table.add_row(
-                f"  {q['name']}",
-                f"--quant {q['quant']}",
-                q["hub_id"],
-                f"{r['memory_gb'].get('int' + str(q['quant']), '?')} GB",
-                "[green]yes[/]" if q["cached"] else "[dim]no[/]",
-            )
-    Console().print(table)
+    Console().print(catalog_table(rows))
 
 
 @app.command()
@@ -886,29 +721,9 @@ def bench(
         if as_json:
             print(json.dumps(r.to_dict()))
             return
-        from rich.table import Table
+        from llmchat.bench import result_table
 
-        t = Table(
-            title=f"{r.model} · {r.device} · {r.dtype} · quant {r.quant} · "
-            f"{r.extra.get('layers')} layers · {r.threads} threads",
-            box=None,
-        )
-        t.add_column("metric")
-        t.add_column("value", justify="right")
-        for k, v in (
-            ("prefill tokens/s", f"{r.prefill_tokens_per_s:,.1f}"),
-            ("time to first token", f"{r.ttft_ms:,.1f} ms"),
-            ("decode tokens/s", f"{r.decode_tokens_per_s:,.2f}"),
-            ("decode ms/token", f"{r.decode_ms_per_token:,.2f}"),
-            ("weights", f"{r.weight_bytes / 2**30:,.2f} GiB"),
-            ("bytes streamed/token", f"{r.bytes_per_token / 2**20:,.1f} MiB"),
-            ("achieved bandwidth", f"{r.achieved_gb_per_s:,.1f} GB/s"),
-            ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
-            ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
-            ("decode path", r.decode_path),
-        ):
-            t.add_row(k, v)
-        Console().print(t)
+        Console().print(result_table(r))
 
     guarded(debug, run)
 
@@ -944,14 +759,7 @@ def logs_cmd(
         except logs.LogError as exc:
             raise LLMChatError(str(exc)) from None
         if action == "status":
-            n_conv = n_resp = 0
-            if db is not None:
-                n_conv = db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
-                n_resp = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-            size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")
-                       if p.is_file()) if path.parent.exists() else 0
-            print(f"Logging: {'on' if logs.enabled() else 'off'}\nFile: {path}\n"
-                  f"Conversations: {n_conv}\nResponses: {n_resp}\nSize: {size:,} bytes")
+            print(logs.status_text(db, path))
             return
         if action == "list":
             rows = logs.conversations(db, count) if db is not None else []
@@ -959,19 +767,19 @@ def logs_cmd(
                 print(json.dumps(rows, ensure_ascii=False, indent=2))
             else:
                 for r in rows:
-                    print(f"{r['id']}  {r['updated_utc']}  {r['model']}  {r['turns']} turn(s)  "
-                          f"{r['name']}")
+                    print(logs.conversation_line(r))
+                if not rows:
+                    err_console().print(f"No conversations logged yet ({path}).")
             return
         rows = logs.responses(db, n=count, query=query, cid=cid) if db is not None else []
         if as_json:
             print(json.dumps(rows, ensure_ascii=False, indent=2))
             return
-        parts = []
-        for r in rows:
-            parts.append(f"## {r['datetime_utc']} · {r['model']} · conversation "
-                         f"{r['conversation_id']}\n\n**Prompt:**\n\n{r['prompt']}\n\n"
-                         f"**Response:**\n\n{r['response']}\n")
-        text = "\n".join(parts)
+        if not rows:  # say so on stderr: stdout stays empty for scripts
+            what = "matches" if query or cid else "logged turns yet"
+            err_console().print(f"No {what} ({path}).")
+            return
+        text = logs.responses_markdown(rows)
         if sys.stdout.isatty():
             from rich.markdown import Markdown
 
@@ -980,6 +788,15 @@ def logs_cmd(
             print(text, end="")
 
     guarded(debug, run)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def finetune(ctx: typer.Context) -> None:
+    """Train a P-tuning v2 prefix with THUDM ptuning/main.py's flags (--help lists them)."""
+    from llmchat.finetune.run import run
+
+    raise typer.Exit(guarded("--debug" in ctx.args, lambda: run(list(ctx.args))))
 
 
 def _quiet_broken_pipe(self: Console) -> None:

@@ -79,6 +79,8 @@ class RemoteChatModel(ChatModel):
                 if chunk.usage is not None:
                     reply.stats.prompt_tokens = chunk.usage.prompt_tokens
                     reply.stats.completion_tokens = chunk.usage.completion_tokens
+                    details = getattr(chunk.usage, "prompt_tokens_details", None)
+                    reply.stats.cached_tokens = getattr(details, "cached_tokens", None) or 0
                 for choice in chunk.choices:
                     if choice.finish_reason:
                         reply.stats.finish_reason = choice.finish_reason

@@ -8,6 +8,7 @@ then temperature, top-k, top-p; greedy (argmax) when temperature is 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,18 @@ def guard_invalid(logits: Tensor, fallback_id: int, *, check_inf: bool = True) -
     return logits
 
 
+@dataclass(frozen=True)
+class InvalidScoreGuard:
+    """An architecture's nan/inf guard (``guard_invalid``): the id it favours, and whether inf
+    trips it too (VisualGLM checks nan only)."""
+
+    fallback_id: int
+    check_inf: bool = True
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return guard_invalid(logits, self.fallback_id, check_inf=self.check_inf)
+
+
 Sampler = Callable[[Tensor, Tensor, int], int]
 
 
@@ -66,8 +79,7 @@ def make_sampler(
     config: GenerationConfig,
     *,
     eos_ids: Sequence[int] = (),
-    invalid_fallback_id: int | None = None,
-    invalid_check_inf: bool = True,
+    invalid_guard: InvalidScoreGuard | None = None,
     device: torch.device | str = "cpu",
 ) -> Sampler:
     """Build ``sample(logits (V,) float32, seen_ids (N,) long, length) -> token id``.
@@ -86,8 +98,8 @@ def make_sampler(
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
         if length < config.min_length and eos.numel():
             logits = logits.index_fill(-1, eos, -float("inf"))
-        if invalid_fallback_id is not None:
-            logits = guard_invalid(logits, invalid_fallback_id, check_inf=invalid_check_inf)
+        if invalid_guard is not None:
+            logits = invalid_guard(logits)
         if config.temperature == 0:
             return int(torch.argmax(logits, dim=-1))
         logits = logits / config.temperature

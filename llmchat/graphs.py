@@ -1,15 +1,15 @@
 """The one-token decode step over a static KV cache, captured as a CUDA graph.
 
 Eager batch-1 decoding on a GPU is bound by kernel-launch overhead (hundreds of small kernels
-per token), not by memory bandwidth. With the cache in static mode (``KVCache.static``) a
-decode step has fixed shapes and reads all per-step state from device tensors, so it can be
+per token), not by memory bandwidth. In a static step (``KVCache.static_step``) a decode step
+has fixed shapes and reads all per-step state from device tensors, so it can be
 recorded once with ``torch.cuda.CUDAGraph`` and replayed per token — one launch instead of
 hundreds (the gpt-fast recipe, without torch.compile's start-up cost).
 
 The same static step also runs eagerly (``capture=False``), which is how the CPU tests check that
-it computes exactly what the dynamic path computes. Models opt in with ``static_key(cache)``:
-None means "this step cannot be static" (e.g. Qwen's logn scaling past seq_length), and a change
-of key (Qwen's NTK factor) triggers a new capture. Everything else falls back to the eager step.
+it computes exactly what the dynamic path computes. Every model has ``static_key(cache)`` (the
+contract checks it): None means "this step cannot be static" (e.g. Qwen's logn scaling past
+seq_length), and a change of key (Qwen's NTK factor) triggers a new capture.
 """
 
 from __future__ import annotations
@@ -47,23 +47,21 @@ class StaticDecoder:
         return self.model(self.token.new_full((1, 1), token), self.cache)
 
     def _run_static(self) -> Tensor:
-        self.cache.static = True
-        try:
+        with self.cache.static_step():
             return self.model(self.token, self.cache)
-        finally:
-            self.cache.static = False
 
-    def _snapshot(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.cache.state.items()}
+    def _snapshot(self) -> list[Tensor]:
+        return [t.clone() for t in self.cache.device_state()]
 
-    def _restore(self, saved: dict[str, Tensor]) -> None:
-        for k, v in saved.items():
-            self.cache.state[k].copy_(v)
+    def _restore(self, saved: list[Tensor]) -> None:
+        for cur, old in zip(self.cache.device_state(), saved, strict=True):
+            cur.copy_(old)
 
     def _warm_up(self) -> None:
         """Run the static step twice (CUDA graphs want warmed-up kernels and allocator), then put
-        back the device state it advanced (``cache.state``; the caller resets ``pos``). Run with
-        ``pos`` at the first free slot, so the keys/values it writes are overwritten or masked."""
+        back the device state it advanced (``cache.device_state()``; the caller resets ``pos``).
+        Run with ``pos`` at the first free slot, so the keys/values it writes are overwritten or
+        masked."""
         saved = self._snapshot()
         for _ in range(2):
             self._run_static()
@@ -86,7 +84,7 @@ class StaticDecoder:
         self.graph, self.key = graph, key
 
     def __call__(self, token: int) -> Tensor:
-        key = self.model.static_key(self.cache) if hasattr(self.model, "static_key") else None
+        key = self.model.static_key(self.cache)
         if key is None or self.cache.offset >= self.cache.max_len:
             return self._eager(token)
         self.cache.pos.fill_(self.cache.offset)  # warm-ups write at pos: the free slots

@@ -18,6 +18,7 @@ import pickle
 import re
 import resource
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 
 from llmchat.errors import CheckpointError, DeviceError, UsageError
 from llmchat.models.base import ChatModel, LoadInfo, TransformerChatModel, contract
+from llmchat.quant import QuantSummary, prepare_model
 from llmchat.registry import (
     ModelSpec,
     cached_snapshot,
@@ -251,15 +253,12 @@ LAYER_KEY = re.compile(r"^(.+)\.(\d+)\.")
 
 def check_layer_counts(cfg: Any, keys: Iterable[str], source: str) -> None:
     """Each layer stack's size in config.json must match the checkpoint's own layer keys."""
-    counts = getattr(cfg, "layer_counts", None)
-    if counts is None:
-        return
     seen: dict[str, set[int]] = {}
     for key in keys:
         m = LAYER_KEY.match(key)
         if m:
             seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-    for prefix, (json_key, n) in counts().items():
+    for prefix, (json_key, n) in cfg.layer_counts().items():
         got = seen.get(prefix, set())
         if got != set(range(n)):
             have = f"layers {min(got)}..{max(got)} ({len(got)} in all)" if got else "no layers"
@@ -368,11 +367,15 @@ def load_weights(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
+    sink: Callable[[str, torch.Tensor, bool], None] | None = None,
 ) -> None:
     """Stream (key, tensor) pairs into a meta-built model, strictly.
 
     Each tensor is cast and moved as it arrives (or handed to its quantized linear), so at most
-    one checkpoint tensor is held in floating point besides the model being built.
+    one checkpoint tensor is held in floating point besides the model being built. ``sink``
+    receives every tensor taken, by checkpoint key, as stored (quantized linears: in the upstream
+    pre-quantized layout), and whether it was computed here rather than read — the quantized
+    cache.
     """
     expected = {n: p for n, p in model.named_parameters()}
     expected.update(dict(model.named_buffers()))
@@ -391,7 +394,10 @@ def load_weights(
             continue
         hook = getattr(owner, "load_checkpoint_tensor", None)
         if hook is not None:  # quantized linears take their own tensors
-            hook(attr, t, dtype=dtype, device=device, key=key)
+            taken = hook(attr, t, dtype=dtype, device=device, key=key)
+            if sink is not None:
+                for k, v in taken.items():
+                    sink(k, v, v is not t)
         elif name in expected:
             want = expected[name].shape
             if tuple(t.shape) != tuple(want):
@@ -399,6 +405,8 @@ def load_weights(
                     f"{key} has shape {tuple(t.shape)} in the checkpoint but config.json "
                     f"implies {tuple(want)}"
                 )
+            if sink is not None:
+                sink(key, t, False)
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             assign(model, name, t)
         else:
@@ -419,6 +427,16 @@ def build_model(
     module: ModuleType,
     cfg: Any,
     tensors: Iterable[tuple[str, torch.Tensor]],
+    **kwargs: Any,
+) -> nn.Module:
+    """``build_model_and_summary`` without the summary (benchmarks building random models)."""
+    return build_model_and_summary(module, cfg, tensors, **kwargs)[0]
+
+
+def build_model_and_summary(
+    module: ModuleType,
+    cfg: Any,
+    tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     bits: int,
     checkpoint_bits: int,
@@ -426,15 +444,16 @@ def build_model(
     device: torch.device,
     total_bytes: int = 0,
     progress: Progress | None = None,
-) -> nn.Module:
+    sink: Callable[[str, torch.Tensor, bool], None] | None = None,
+) -> tuple[nn.Module, QuantSummary]:
     """Build ``module.Model(cfg)`` on the meta device, swap in quantized linears, then fill it
-    from ``tensors`` (a checkpoint stream, or random tensors for benchmarks)."""
+    from ``tensors`` (a checkpoint stream, or random tensors for benchmarks). Returns the model
+    and what quantization did."""
     with torch.device("meta"):
         net = module.Model(cfg)
+    summary = QuantSummary()
     if bits != 16 or checkpoint_bits:
-        from llmchat.quant import prepare_model
-
-        prepare_model(
+        summary = prepare_model(
             net,
             module.QUANT_LINEARS,
             bits,
@@ -454,8 +473,9 @@ def build_model(
         device=device,
         total_bytes=total_bytes,
         progress=progress,
+        sink=sink,
     )
-    return net.eval()
+    return net.eval(), summary
 
 
 def peak_rss_bytes() -> int:
@@ -473,11 +493,14 @@ def load(
     download: bool = True,
     ptuning: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    quant_cache: bool | None = None,
 ) -> ChatModel:
     """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
 
     ``threads``: torch's CPU thread count (default: the free physical cores, see
     ``llmchat.threads``), set before anything runs and reported as ``info.extra["threads"]``.
+    ``quant_cache``: keep (and reuse) the result of quantizing a float checkpoint on the fly
+    (``llmchat.quant.cache``; default: on unless ``LLMCHAT_QUANT_CACHE=0``).
     """
     t0 = time.perf_counter()
     bits = parse_quant(quant)
@@ -508,17 +531,26 @@ def load(
         dtype, dev, spec, min(bits, int(hf.get("quantization_bit") or 16)), fp32_bytes
     )
     ckpt_bits = int(hf.get("quantization_bit") or 0)
-    net = build_model(
-        module,
-        cfg,
-        iter_tensors(files),
-        bits=bits,
-        checkpoint_bits=ckpt_bits,
-        dtype=torch_dtype,
-        device=dev,
-        progress=progress,
-        total_bytes=sum(f.stat().st_size for f in files),
-    )
+
+    def build(weights: list[Path], checkpoint_bits: int, sink: Any = None) -> Any:
+        return build_model_and_summary(
+            module,
+            cfg,
+            iter_tensors(weights),
+            bits=bits,
+            checkpoint_bits=checkpoint_bits,
+            dtype=torch_dtype,
+            device=dev,
+            progress=progress,
+            total_bytes=sum(f.stat().st_size for f in weights),
+            sink=sink,
+        )
+
+    if bits != 16 and not ckpt_bits:  # quantized on the fly: through the cache
+        net, summary, cache_note = _build_quantized(build, path, files, bits, spec.module,
+                                                    module.QUANT_LINEARS, quant_cache)
+    else:
+        (net, summary), cache_note = build(files, ckpt_bits), None
     info = LoadInfo(
         path=str(path),
         device=str(dev),
@@ -528,9 +560,11 @@ def load(
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
-    info.extra.update(getattr(net, "quant_extra", {}))  # quant backend, named by --verbose
+    info.extra.update(summary.extra())  # quant backend, named by --verbose
     info.extra.update(getattr(net, "prefill_extra", {}))  # CPU bf16 prompt path, likewise
     info.extra["threads"] = n_threads
+    if cache_note:
+        info.extra["quant_cache"] = cache_note
     if (dtype or "auto") == "auto" and dev.type == "cpu" and torch_dtype == torch.bfloat16 and (
         bits == 16 and not ckpt_bits
     ):
@@ -543,3 +577,43 @@ def load(
     if prefix is not None:
         chat.use_prefix(prefix)
     return chat
+
+
+def _build_quantized(
+    build: Callable[..., Any],
+    path: Path,
+    files: list[Path],
+    bits: int,
+    arch: str,
+    linears: tuple[str, ...],
+    use_cache: bool | None,
+) -> tuple[nn.Module, QuantSummary, str]:
+    """Load a float checkpoint quantized to ``bits``: from the quantized cache when it holds
+    this checkpoint, else quantizing as it streams and writing the cache entry as it goes."""
+    from llmchat.quant import cache
+
+    if not (cache.enabled() if use_cache is None else use_cache):
+        net, summary = build(files, 0)
+        return net, summary, "quantized on the fly (cache off)"
+    entry = cache.QuantCache.for_source(path, files, bits, arch, linears)
+    cached = entry.lookup()
+    if cached is not None:
+        try:
+            net, summary = build(cached, bits)
+            return net, summary, f"loaded quantized cache {entry.dir}"
+        except CheckpointError as exc:  # damaged after its manifest was written: rebuild it
+            warnings.warn(f"the quantized cache {entry.dir} is unreadable ({exc}); rebuilding it",
+                          cache.QuantCacheWarning, stacklevel=2)
+            entry.discard()
+    source_bytes = sum(f.stat().st_size for f in files)
+    writer = entry.writer(expected_bytes=source_bytes * bits // 16)
+    try:
+        net, summary = build(files, 0, writer.add if writer else None)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None and writer.commit():
+        return net, summary, f"quantized on the fly (cached to {entry.dir})"
+    return net, summary, "quantized on the fly (not cached)"
+

@@ -14,15 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from llmchat.paths import data_dir
+
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 TITLE_CHARS = 60
-
-
-def data_dir() -> Path:
-    from llmchat.repl import data_dir as dd
-
-    return dd()
 
 
 def db_path() -> Path:
@@ -255,3 +251,31 @@ def conversations(db: sqlite3.Connection, n: int) -> list[dict[str, Any]]:
         "SELECT c.*, (SELECT COUNT(*) FROM responses r WHERE r.conversation_id = c.id) AS turns "
         "FROM conversations c ORDER BY updated_utc DESC LIMIT ?", (n,)).fetchall()
     return [dict(r) for r in rows]
+
+
+# -- what `llmchat logs` prints -------------------------------------------------------------------
+def status_text(db: sqlite3.Connection | None, path: Path) -> str:
+    """``llmchat logs status``: on/off, the file, its counts and size on disk (WAL included)."""
+    n_conv = n_resp = 0
+    if db is not None:
+        n_conv = db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+        n_resp = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*")
+               if p.is_file()) if path.parent.exists() else 0
+    return (f"Logging: {'on' if enabled() else 'off'}\nFile: {path}\n"
+            f"Conversations: {n_conv}\nResponses: {n_resp}\nSize: {size:,} bytes")
+
+
+def conversation_line(r: dict[str, Any]) -> str:
+    """One ``llmchat logs list`` line."""
+    return f"{r['id']}  {r['updated_utc']}  {r['model']}  {r['turns']} turn(s)  {r['name']}"
+
+
+def responses_markdown(rows: list[dict[str, Any]]) -> str:
+    """Logged turns as Markdown, one section each (``llmchat logs``)."""
+    parts = []
+    for r in rows:
+        parts.append(f"## {r['datetime_utc']} · {r['model']} · conversation "
+                     f"{r['conversation_id']}\n\n**Prompt:**\n\n{r['prompt']}\n\n"
+                     f"**Response:**\n\n{r['response']}\n")
+    return "\n".join(parts)

@@ -208,3 +208,55 @@ def hub_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
     )
     return os.path.join(home, "hub")
+
+
+def catalog() -> list[dict[str, Any]]:
+    """What ``llmchat models`` lists: each preset, its official pre-quantized repositories
+    (fetched for ``--quant N``) and which of them are in the local cache."""
+    rows = []
+    for spec in models().values():
+        cached = cached_snapshot(spec)
+        rows.append(
+            {
+                "name": spec.name,
+                "aliases": list(spec.aliases),
+                "hub_id": spec.hub_id,
+                "images": spec.supports_images,
+                "memory_gb": spec.memory_gb,
+                "cached": str(cached) if cached else None,
+                "description": spec.description,
+                "quantized": [  # official pre-quantized repos, fetched for --quant N
+                    {"name": f"{spec.name}-int{bits}", "quant": bits, "hub_id": repo,
+                     "cached": str(c) if (c := cached_snapshot(repo)) else None}
+                    for bits, repo in sorted(spec.quantized.items())
+                ],
+            }
+        )
+    return rows
+
+
+def catalog_table(rows: list[dict[str, Any]]) -> Any:
+    """``catalog()`` as a rich ``Table`` (name, aliases, hub id, memory, cached)."""
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("name", "aliases", "hub id", "GPU memory fp16/int8/int4", "cached"):
+        table.add_column(col, no_wrap=col in ("name", "hub id"))
+    for r in rows:
+        mem = "/".join(f"{r['memory_gb'].get(k, '?')}" for k in ("fp16", "int8", "int4")) + " GB"
+        table.add_row(
+            r["name"],
+            ", ".join(r["aliases"]),
+            r["hub_id"],
+            mem,
+            "[green]yes[/]" if r["cached"] else "[dim]no[/]",
+        )
+        for q in r["quantized"]:
+            table.add_row(
+                f"  {q['name']}",
+                f"--quant {q['quant']}",
+                q["hub_id"],
+                f"{r['memory_gb'].get('int' + str(q['quant']), '?')} GB",
+                "[green]yes[/]" if q["cached"] else "[dim]no[/]",
+            )
+    return table

@@ -2,9 +2,10 @@
 
 The loop is pure over its inputs: ``read(prompt)`` (``input()`` semantics: ``EOFError`` on Ctrl-D,
 ``KeyboardInterrupt`` on Ctrl-C) and a ``ChatUI`` for every byte of output (see ``llmchat.ui`` for
-how replies stream). History is a ``list[Message]`` whose first item is the system message, if
-any. A turn enters the history only once its reply has finished, so a reply stopped with Ctrl-C
-or failed by the model leaves no trace; settings changed with ``/set`` apply to the next reply.
+how replies stream). The conversation is a ``Conversation`` (system prompt, turns, fitting); a
+turn enters it only once its reply has finished, so a reply stopped with Ctrl-C or failed by
+the model leaves no trace; settings changed with ``/set`` apply to the next reply. Saved chats
+are ``chatfile``'s, ``/copy``'s tools ``clipboard``'s, the data folder ``paths``'.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmchat import chatfile
+from llmchat.clipboard import copy_with_tool
 from llmchat.conversation import Conversation
 from llmchat.errors import ImageError, LLMChatError, UsageError
-from llmchat.types import GenerationConfig, Message
+from llmchat.paths import data_dir
+from llmchat.types import SETTINGS, GenerationConfig, Message, parse_setting
 from llmchat.ui import ChatUI, PromptReader
 
 if TYPE_CHECKING:
@@ -37,32 +38,6 @@ if TYPE_CHECKING:
 
 Read = Callable[[str], str]
 DOUBLE_CTRL_C_S = 1.0
-# /set KEY VALUE: the parser for each setting; "none" clears the optional ones.
-SETTINGS: dict[str, type] = {
-    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
-    "max_new_tokens": int, "max_length": int, "min_length": int, "seed": int,
-}
-OPTIONAL = {"max_new_tokens", "seed"}
-
-
-def data_dir() -> Path:
-    """Where history and saved chats live: ``$LLMCHAT_HOME``, else the platform's data dir."""
-    if home := os.environ.get("LLMCHAT_HOME"):
-        return Path(home).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("llmchat", appauthor=False))
-
-
-def clipboard_command() -> list[str] | None:
-    """A clipboard writer that exists here, or None."""
-    cands: list[list[str]] = [["pbcopy"]] if sys.platform == "darwin" else []
-    if os.environ.get("WAYLAND_DISPLAY"):
-        cands.append(["wl-copy"])
-    if os.environ.get("DISPLAY"):
-        cands += [["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]]
-    cands += [["clip.exe"], ["clip"]] if sys.platform in ("win32", "cygwin") else [["clip.exe"]]
-    return next((c for c in cands if shutil.which(c[0])), None)
 
 
 @contextlib.contextmanager
@@ -275,26 +250,8 @@ class Repl:
         self.ui.note("System prompt set." if self.conv.system else "No system prompt.")
 
     def cmd_set(self, arg: str) -> None:
-        parts = arg.split(maxsplit=1)
-        key, value = (parts[0].lower(), parts[1].strip()) if len(parts) == 2 else ("", "")
-        if not value:
-            self.ui.error(f"Usage: /set KEY VALUE, with KEY one of {', '.join(SETTINGS)}.")
-            return
-        if key not in SETTINGS:
-            self.ui.error(f"Unknown setting '{key}'; settable: {', '.join(SETTINGS)}.")
-            return
-        kind = SETTINGS[key]
-        parsed: Any
-        if key in OPTIONAL and value.lower() in ("none", "off", "random"):
-            parsed = None
-        else:
-            try:  # int()/float() only: typed parsing, never eval
-                parsed = kind(value)
-            except ValueError:
-                noun = "an integer" if kind is int else "a number"
-                self.ui.error(f"{key} needs {noun}, got {value!r}.")
-                return
         try:
+            key, parsed = parse_setting(arg)
             self.config = dataclasses.replace(self.config, **{key: parsed})
         except UsageError as exc:
             self.ui.error(str(exc))
@@ -396,17 +353,10 @@ class Repl:
             self.ui.note("Nothing to copy yet.")
             return
         text = self.messages[-1].content
-        cmd = clipboard_command()
-        failed = ""
-        if cmd is not None:
-            data = text.encode("utf-16" if cmd[0].startswith("clip") else "utf-8")
-            try:
-                subprocess.run(cmd, input=data, check=True, timeout=5, capture_output=True)
-            except (OSError, subprocess.SubprocessError) as exc:
-                failed = f"{cmd[0]} failed: {exc}"
-            else:
-                self.ui.note(f"Copied the last reply ({len(text)} characters) with {cmd[0]}.")
-                return
+        tool, failed = copy_with_tool(text)
+        if tool is not None:
+            self.ui.note(f"Copied the last reply ({len(text)} characters) with {tool}.")
+            return
         # No tool (SSH, tmux, a bare console) or it failed: ask the terminal itself (OSC 52).
         if self.ui.copy_osc52(text):
             self.ui.note(f"Sent the last reply ({len(text)} characters) to the terminal's "
@@ -426,13 +376,9 @@ class Repl:
         path = Path(arg).expanduser()
         notes: list[Any] = []
         try:
-            try:  # VisualGLM validates images itself when it can
-                from llmchat.models.visualglm import check_image
-            except ImportError:
-                if not path.is_file():
-                    raise ImageError(f"{path} is not a file") from None
-            else:
-                notes = getattr(check_image(path), "notes", None) or []
+            from llmchat.images import check_image
+
+            notes = list(check_image(path).notes)
         except LLMChatError as exc:
             self.ui.error(f"Cannot use this image: {exc}")
             return

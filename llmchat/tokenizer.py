@@ -1,7 +1,7 @@
 """Tokenizer protocol, a checked sentencepiece loader, and UTF-8-safe streaming detokenization.
 
-Model-specific tokenizers (special tokens, pre/post-processing) live in their model files;
-this module only holds what they share.
+Each architecture's own tokenizer, chat template and post-processing live in
+``llmchat/tokenizers/<arch>.py``; this module only holds what they share.
 """
 
 from __future__ import annotations

@@ -137,6 +137,9 @@ class Reply:
                  *, dropped_turns: int = 0) -> None:
         self.stats = stats or ReplyStats(finish_reason="interrupted")
         self.dropped_turns = dropped_turns  # oldest turns left out to fit the context budget
+        # True: also yield "" for a token that adds no text yet, so a consumer (the server) can
+        # stop the generation within one token
+        self.every_token = False
         self.done = False
         self._parts: list[str] = []
         self._text: str | None = None
@@ -215,3 +218,30 @@ def parse_quant(value: int | str) -> int:
     if key not in QUANT_ALIASES:
         raise UsageError(f"invalid --quant {value!r}; use 16, 8 or 4 (fp16, int8, int4)")
     return QUANT_ALIASES[key]
+
+
+# /set KEY VALUE (the REPL): the parser for each setting; "none" clears the optional ones.
+SETTINGS: dict[str, type] = {
+    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
+    "max_new_tokens": int, "max_length": int, "min_length": int, "seed": int,
+}
+OPTIONAL = {"max_new_tokens", "seed"}
+
+
+def parse_setting(arg: str) -> tuple[str, Any]:
+    """``"KEY VALUE"`` -> (the ``GenerationConfig`` field, its typed value), or a ``UsageError``
+    saying what is wrong. Only ``int()``/``float()``: typed parsing, never eval."""
+    parts = arg.split(maxsplit=1)
+    key, value = (parts[0].lower(), parts[1].strip()) if len(parts) == 2 else ("", "")
+    if not value:
+        raise UsageError(f"Usage: /set KEY VALUE, with KEY one of {', '.join(SETTINGS)}.")
+    if key not in SETTINGS:
+        raise UsageError(f"Unknown setting '{key}'; settable: {', '.join(SETTINGS)}.")
+    kind = SETTINGS[key]
+    if key in OPTIONAL and value.lower() in ("none", "off", "random"):
+        return key, None
+    try:
+        return key, kind(value)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise UsageError(f"{key} needs {noun}, got {value!r}.") from None

@@ -151,3 +151,23 @@ def test_nan_weights_are_reported_as_a_broken_checkpoint(name: str,
     finally:
         with torch.no_grad():
             norm.copy_(saved)
+
+
+def test_contract_names_missing_model_hooks() -> None:
+    """A module whose Model lacks ``static_key`` (or whose Config lacks ``layer_counts``) fails
+    when its contract is built, instead of silently losing the captured decode step."""
+    import types
+
+    from llmchat.models import chatglm2
+
+    class Model(nn.Module):
+        def make_cache(self) -> None: ...
+
+    class Config:
+        pass
+
+    fake = types.ModuleType("llmchat.models.fake")
+    fake.__dict__.update({k: v for k, v in vars(chatglm2).items() if not k.startswith("_")})
+    fake.Model, fake.Config = Model, Config
+    with pytest.raises(TypeError, match="Model.static_key.*Config.layer_counts"):
+        contract(fake)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llmchat import logs
 from llmchat.types import ReplyStats
 
@@ -112,8 +114,9 @@ def test_each_logged_turn_records_the_active_prefix() -> None:
     import sqlite3
 
     from llmchat import logs
-    from llmchat.cli import RunOptions, attach_log
+    from llmchat.cli import RunOptions
     from llmchat.conversation import Conversation
+    from llmchat.session import attach_log
     from llmchat.types import GenerationConfig
     from tests.fakes import FakeChatModel
 
@@ -129,3 +132,44 @@ def test_each_logged_turn_records_the_active_prefix() -> None:
     rows = db.execute("SELECT prompt, options FROM responses ORDER BY rowid").fetchall()
     got = {p: json.loads(o)["ptuning_prefix"] for p, o in rows}
     assert got == {"one": None, "two": "ckpt-300 (P-tuning v2, 128 tokens)"}
+
+
+def test_unusable_log_directory_warns_once_and_still_answers(
+    glm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LLMCHAT_HOME", str(blocker / "home"))  # mkdir fails: a file is in the way
+    res = run_cli(["ask", "-p", str(glm2_dir), *CPU, *GREEDY, "你好"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    assert res.stderr.count("warning:") == 1 and "logging is off" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_continue_after_the_model_directory_is_gone(glm2_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    moved = tmp_path / "ckpt"
+    shutil.copytree(glm2_dir, moved)
+    first = run_cli(["ask", "-p", str(moved), *CPU, *GREEDY, "你好"])
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(moved)
+    res = run_cli(["ask", "-c", *GREEDY, "然后呢"])
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and str(moved) in res.stderr
+    assert "--model-path" in res.stderr
+    # the logged turn is kept: pointing at a copy continues it
+    again = run_cli(["ask", "-c", "-p", str(glm2_dir), *CPU, *GREEDY, "然后呢"])
+    assert again.returncode == 0, again.stderr
+    rows = json.loads(run_cli(["logs", "-n", "5", "--json"]).stdout)
+    assert [r["prompt"] for r in rows] == ["你好", "然后呢"]
+    assert len({r["conversation_id"] for r in rows}) == 1
+
+
+def test_an_empty_log_says_so_on_stderr_only() -> None:
+    for args in (["logs"], ["logs", "list"], ["logs", "-q", "天气怎么样"]):
+        res = run_cli(args)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == "" and "No " in res.stderr and str(logs.db_path()) in res.stderr
+    assert run_cli(["logs", "--json"]).stdout.strip() == "[]"

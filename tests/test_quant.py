@@ -17,6 +17,9 @@ from llmchat.errors import CheckpointError, QuantizationError, UsageError
 from llmchat.loader import load
 from llmchat.quant import (
     Backend,
+    Dequant,
+    Int4PackCPU,
+    Int8PackMM,
     QuantizationWarning,
     QuantizedLinear,
     dequantize_weight,
@@ -115,7 +118,7 @@ def test_quantize_weight_by_hand() -> None:
 def test_quantize_weight_matches_the_independent_rule(bits: int, monkeypatch: Any) -> None:
     w = torch.randn(40, 64) * 0.1
     q, s = ref_quantize(w, bits)
-    monkeypatch.setattr(quant, "CHUNK_ELEMS", 64 * 7)  # several row blocks
+    monkeypatch.setattr(quant.layout, "CHUNK_ELEMS", 64 * 7)  # several row blocks
     got_q, got_s = quantize_weight(w, bits)
     assert torch.equal(got_q, q) and torch.equal(got_s, s)
     assert got_q.shape == (40, 64 * bits // 8)
@@ -128,10 +131,10 @@ def test_quantize_fp32_weight_goes_through_fp16_first() -> None:
 
 
 def test_int4_cpu_packing_in_row_blocks_is_lossless(monkeypatch: Any) -> None:
-    monkeypatch.setattr(quant, "CHUNK_ELEMS", 1 << 30)
+    monkeypatch.setattr(quant.layout, "CHUNK_ELEMS", 1 << 30)
     mod, w, _ = layer(4, 64, 272, dtype=torch.bfloat16)
     assert mod.backend.name == "int4pack_mm_cpu" and mod.weight.dtype == torch.uint8
-    monkeypatch.setattr(quant, "CHUNK_ELEMS", 64)  # 128-row blocks: 128 + 128 + 16
+    monkeypatch.setattr(quant.layout, "CHUNK_ELEMS", 64)  # 128-row blocks: 128 + 128 + 16
     blocked, _, _ = layer(4, 64, 272, dtype=torch.bfloat16)
     assert torch.equal(blocked.weight, mod.weight)
     q, s = ref_quantize(w, 4)
@@ -147,8 +150,8 @@ def test_fp32_activations_equal_the_dequantized_reference(bits: int, rows: int) 
     torch.testing.assert_close(mod(x), reference(x, w, b, bits), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [Backend("int8pack_mm"), Backend("int8pack_mm", max_rows=0),
-                                     Backend("dequant")], ids=["kernel", "dequant-rows", "ref"])
+@pytest.mark.parametrize("backend", [Int8PackMM(), Int8PackMM(max_rows=0), Dequant()],
+                         ids=["kernel", "dequant-rows", "ref"])
 def test_int8_paths_fp32(backend: Backend) -> None:
     mod, w, b = layer(8, 64, 32, dtype=torch.float32, backend=backend)
     x = torch.randn(3, 64)
@@ -160,7 +163,7 @@ def test_int8_paths_fp32(backend: Backend) -> None:
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_paths_within_bf16_rounding(bits: int, backend: str, bias: bool) -> None:
     chosen = select_backend(bits, 128, 64, CPU, torch.bfloat16)
-    be = chosen if backend != "dequant" else Backend("dequant")
+    be = chosen if backend != "dequant" else Dequant()
     assert be.name == backend
     mod, w, b = layer(bits, 128, 64, dtype=torch.bfloat16, backend=be, bias=bias)
     x = torch.randn(4, 128).bfloat16()
@@ -189,7 +192,7 @@ def test_int4_kernel_equals_the_reference_exactly_in_fp32_terms() -> None:
 
 
 def test_select_backend_cpu() -> None:
-    assert select_backend(8, 4096, 4096, CPU, torch.bfloat16) == Backend("int8pack_mm")
+    assert select_backend(8, 4096, 4096, CPU, torch.bfloat16) == Int8PackMM()
     assert select_backend(8, 4096, 4096, CPU, torch.float32).max_rows == 2
     be = select_backend(4, 13696, 4096, CPU, torch.bfloat16)
     assert be.name == "int4pack_mm_cpu" and 13696 % be.group_size == 0
@@ -224,7 +227,7 @@ def test_prepare_model_swaps_exactly_the_block_linears() -> None:
 
     net = glm2_meta()
     before = {n: type(m) for n, m in net.named_modules()}
-    extra = prepare_model(net, chatglm2.QUANT_LINEARS, 4, dtype=torch.bfloat16, device=CPU)
+    summary = prepare_model(net, chatglm2.QUANT_LINEARS, 4, dtype=torch.bfloat16, device=CPU)
     swapped = {n for n, m in net.named_modules() if isinstance(m, QuantizedLinear)}
     want = {f"transformer.encoder.layers.{i}.{p}" for i in range(2) for p in (
         "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
@@ -234,8 +237,10 @@ def test_prepare_model_swaps_exactly_the_block_linears() -> None:
         if n not in want:
             assert type(m) is before[n], n
     assert type(net.transformer.output_layer) is nn.Linear
-    assert extra == {"quant_backend": "int4pack_mm_cpu", "quant_layers": 8}
-    assert net.quant_extra == extra
+    assert summary.extra() == {"quant_backend": "int4pack_mm_cpu", "quant_layers": 8}
+    assert summary.bits == 4 and set(summary.layers) == {"int4pack_mm_cpu"}
+    assert sorted(summary.layers["int4pack_mm_cpu"]) == sorted(want)
+    assert not hasattr(net, "quant_extra")  # what it did is the return value, not an attribute
     qkv = net.transformer.encoder.layers[0].self_attention.query_key_value
     assert qkv.bias is not None and qkv.weight.shape == (128, 32) and qkv.weight.is_meta
 
@@ -244,7 +249,7 @@ def test_prepare_model_skip_and_16_bits() -> None:
     from llmchat.models import chatglm2
 
     net = glm2_meta()
-    assert prepare_model(net, chatglm2.QUANT_LINEARS, 16) == {}
+    assert prepare_model(net, chatglm2.QUANT_LINEARS, 16).extra() == {}
     assert not any(isinstance(m, QuantizedLinear) for m in net.modules())
     prepare_model(net, chatglm2.QUANT_LINEARS, 8, skip=lambda n: ".layers.1." in n)
     names = {n for n, m in net.named_modules() if isinstance(m, QuantizedLinear)}
@@ -275,7 +280,7 @@ def test_int4_odd_in_features_is_a_clear_error() -> None:
 
 
 def test_bad_checkpoint_tensors_are_clear_errors() -> None:
-    be = Backend("dequant")
+    be = Dequant()
     mod = QuantizedLinear(32, 16, True, 4, prequantized=True, dtype=torch.float32, device=CPU,
                           backend=be)
     kw = {"dtype": torch.float32, "device": CPU, "key": "l.weight"}
@@ -478,3 +483,59 @@ def test_visualglm_vision_tower_stays_float(tmp_path: Path) -> None:
     assert swapped and all(n.startswith("transformer.layers.") for n in swapped)
     vision = [x for n, x in m.model.named_modules() if n.startswith("image_encoder.")]
     assert vision and not any(isinstance(x, QuantizedLinear) for x in vision)
+
+
+# -- backward through the quantized weights (frozen) -----------------------------------------------
+BACKWARD_CASES = [(8, Int8PackMM()), (8, Dequant()), (4, Dequant()),
+                  (4, Int4PackCPU(group_size=64))]
+
+
+@pytest.mark.parametrize("bits,backend", BACKWARD_CASES,
+                         ids=["int8-kernel", "int8-dequant", "int4-dequant", "int4-kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("blocks", [1, 3], ids=["one-block", "row-blocks"])
+def test_grad_input_equals_a_linear_holding_the_dequantized_weight(
+        bits: int, backend: Backend, dtype: torch.dtype, blocks: int, monkeypatch: Any) -> None:
+    k, n = 64, 272  # 272 = 2 whole 128-row groups of the CPU int4 layout + a 16-row tail
+    mod, _, b = layer(bits, k, n, dtype=dtype, backend=backend)
+    if blocks > 1:
+        # row blocks 0:128, 128:256, 256:272
+        monkeypatch.setattr(quant.layout, "CHUNK_ELEMS", 128 * k)
+    assert len(mod.row_blocks()) == blocks
+    ref = nn.Linear(k, n, dtype=dtype)
+    ref.weight = nn.Parameter(mod.dequantize(dtype), requires_grad=False)
+    ref.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+    x = torch.randn(2, 3, k).to(dtype)
+    gy = torch.randn(2, 3, n).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = mod(xa), ref(xb)
+    with torch.inference_mode():
+        assert torch.equal(ya.detach(), mod(x))  # the forward is the inference one, bit for bit
+    ya.backward(gy)
+    yb.backward(gy)
+    assert xa.grad is not None and xa.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    else:  # both sum in fp32 and round once to bf16: at most one bf16 step apart
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=2.0 ** -7, atol=1e-6)
+        assert (xa.grad == xb.grad).float().mean() > 0.9
+    assert list(mod.parameters()) == []
+    assert all(not t.requires_grad and t.grad is None for t in mod.buffers())
+
+
+def test_no_graph_without_input_grad() -> None:
+    mod, _, _ = layer(4, 64, 32, dtype=torch.bfloat16)
+    y = mod(torch.randn(1, 64).bfloat16())
+    assert y.grad_fn is None and not y.requires_grad
+
+
+def test_int4_layout_read_back_without_the_kernel(monkeypatch: Any) -> None:
+    """Rows decode from the CPU kernel's own layout (found by probing it) exactly as the upstream
+    values; the identity-matmul fallback gives the same."""
+    mod, w, _ = layer(4, 64, 272, dtype=torch.bfloat16)
+    want = unpack_int4(ref_quantize(w, 4)[0])
+    assert torch.equal(mod.backend.int_rows(mod, 0, 272), want)
+    assert torch.equal(mod.backend.int_rows(mod, 128, 272), want[128:])
+    monkeypatch.setattr(Int4PackCPU, "_nibble_order", lambda self, rows, k, device: None)
+    fresh, _, _ = layer(4, 64, 272, dtype=torch.bfloat16)
+    assert torch.equal(fresh.backend.int_rows(fresh, 0, 272), want)

@@ -69,7 +69,8 @@ def start_server(model_dir: Path, log: Path, *extra: str,
                  env: dict[str, str] | None = None) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if k != "LLMCHAT_API_KEY"}
-    full_env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                 "LLMCHAT_HOME": str(log.parent / "llmchat-home"), **(env or {})}
     with log.open("wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llmchat", "serve", "-p", str(model_dir), *CPU,
@@ -276,6 +277,144 @@ def test_a_dropped_stream_stops_its_generation(server: Server, reference) -> Non
     assert res.choices[0].message.content == expected
 
 
+def test_max_tokens_is_capped_by_the_context_budget(reference) -> None:  # noqa: ANN001
+    from starlette.testclient import TestClient
+
+    from llmchat.server import create_app
+
+    budget = 40
+    prompt = reference.count_tokens([Message("user", "你好")])
+    with TestClient(create_app(reference, config=reference.defaults.with_(max_length=budget))
+                    ) as tc:
+        r = tc.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+            "max_tokens": 10**12})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == budget - prompt
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_every_token_gives_the_consumer_a_turn(reference) -> None:  # noqa: ANN001
+    """The server stops a reply within one token of a cancel: with ``every_token`` the stream
+    yields once per generated token, even where the token adds no text yet."""
+    config = reference.defaults.with_(temperature=0, max_new_tokens=40)
+    reply = reference.generate([Message("user", "写一首诗")], config)
+    reply.every_token = True
+    deltas = list(reply)
+    n = reply.stats.completion_tokens
+    assert n <= len(deltas) <= n + 1  # + the final flush
+    assert "".join(deltas) == reply.text
+    plain = reference.generate([Message("user", "写一首诗")], config)
+    assert len([d for d in plain]) < n  # some tokens add no text on their own
+
+
+def follow_up(c: openai.OpenAI, first: str, **kw: object) -> tuple[object, object]:
+    """Two turns of one conversation, sent as growing messages arrays."""
+    msgs = [{"role": "user", "content": first}]
+    r1 = c.chat.completions.create(model="chatglm2-6b", messages=msgs, temperature=0,
+                                   max_tokens=12, **kw)
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "介绍一下北京"}]
+    r2 = c.chat.completions.create(model="chatglm2-6b", messages=msgs, temperature=0,
+                                   max_tokens=12, **kw)
+    return r1, r2
+
+
+def test_a_follow_up_reuses_the_cached_prefix_and_logs(server: Server, model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """Turn 2 reports the reused prompt prefix as usage.prompt_tokens_details.cached_tokens and
+    its reply equals a server that recomputes everything (LLMCHAT_KV_REUSE=0), whose log (a
+    temporary LLMCHAT_HOME) then holds both turns as one conversation; SIGINT stops it (0)."""
+    r1, r2 = follow_up(client(server), "你好")
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert r1.usage.prompt_tokens - 3 <= cached < r2.usage.prompt_tokens, (cached, r1.usage)
+    # the same request again, streamed: everything but the last prompt token is reused
+    stream = client(server).chat.completions.create(
+        model="chatglm2-6b", temperature=0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, messages=[
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "介绍一下北京"}])
+    chunks = list(stream)
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        r2.choices[0].message.content)
+
+    s = start_server(model_dir, tmp_path / "recompute.log", env={"LLMCHAT_KV_REUSE": "0"})
+    try:
+        f1, f2 = follow_up(client(s), "你好")
+        cut = client(s).chat.completions.create(
+            model="chatglm2-6b", messages=[{"role": "user", "content": "hello"}],
+            temperature=0, max_tokens=12, stop=[r2.choices[0].message.content[2:4]])
+    finally:
+        s.proc.send_signal(signal.SIGINT)
+        s.proc.wait(timeout=30)
+    assert s.proc.returncode == 0 and "Traceback" not in s.stderr(), s.stderr()
+    assert f2.usage.prompt_tokens_details.cached_tokens == 0
+    assert f1.choices[0].message.content == r1.choices[0].message.content
+    assert f2.choices[0].message.content == r2.choices[0].message.content
+    assert f2.usage.prompt_tokens == r2.usage.prompt_tokens
+
+    res = run_client(["logs", "--json", "-n", "10"],
+                     env={"LLMCHAT_HOME": str(tmp_path / "llmchat-home")})
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [(r["prompt"], r["response"]) for r in rows] == [
+        ("你好", f1.choices[0].message.content), ("介绍一下北京", f2.choices[0].message.content),
+        ("hello", cut.choices[0].message.content)]
+    assert rows[0]["conversation_id"] == rows[1]["conversation_id"] != rows[2]["conversation_id"]
+    assert rows[1]["prompt_tokens"] == f2.usage.prompt_tokens
+    assert rows[2]["options"]["stop"] and rows[0]["options"]["temperature"] == 0
+
+
+def test_serve_no_log_and_a_failing_log(model_dir: Path, tmp_path: Path, reference,  # noqa: ANN001
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capfd: pytest.CaptureFixture[str]) -> None:
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from llmchat import logs
+    from llmchat import server as srv
+    from llmchat.cli import app
+
+    seen: list[dict[str, object]] = []
+    with pytest.MonkeyPatch.context() as mp:  # (not monkeypatch.undo: it drops the isolation)
+        mp.setattr(srv, "serve", lambda model, **kw: seen.append(kw))
+        for extra in ([], ["--no-log"]):
+            res = CliRunner().invoke(app, ["serve", "-p", str(model_dir), *CPU, *extra])
+            assert res.exit_code == 0, res.output
+    assert [kw["conversation_log"] for kw in seen] == [True, False]
+
+    def complete(tc: TestClient) -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                "max_tokens": 3}
+        r = tc.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        deadline = time.monotonic() + 10  # the log is written after the reply is sent
+        while tc.get("/health").json()["busy"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    home = Path(os.environ["LLMCHAT_HOME"])
+    assert home.is_relative_to(tmp_path)  # never the user's own log
+    with TestClient(srv.create_app(reference, log=srv.TurnLog(reference))) as tc:
+        logs.set_enabled(False)  # `llmchat logs off` is honoured
+        complete(tc)
+        assert not logs.db_path().exists()
+        logs.set_enabled(True)
+        complete(tc)
+        assert [r["prompt"] for r in logs.responses(logs.connect(), n=5)] == ["hi"]
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLMCHAT_HOME", str(tmp_path / "file" / "home"))  # cannot be created
+    capfd.readouterr()
+    with TestClient(srv.create_app(reference, log=srv.TurnLog(reference))) as tc:
+        for _ in range(2):
+            complete(tc)
+    err = capfd.readouterr().err
+    assert err.count("warning:") == 1, err
+
+
 # -- errors --------------------------------------------------------------------------------------
 U = {"role": "user", "content": "hi"}
 
@@ -290,7 +429,9 @@ U = {"role": "user", "content": "hi"}
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-         "messages[0].content"),
+         "messages[0].content[0]"),  # ChatGLM2 takes no images
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400,
+         "messages[0].content[0]"),
         ({"messages": [U, {"role": "assistant", "content": "a"}]}, 400, "messages"),
         ({"messages": [{"role": "system", "content": "be brief"}, U]}, 400, "messages"),
         ({"messages": [U], "n": 2}, 400, "n"),
@@ -395,11 +536,13 @@ def test_missing_extra_is_one_clear_line(model_dir: Path, monkeypatch: pytest.Mo
 
 
 # -- client mode: llmchat ask/chat --api-base ------------------------------------------------------
-def run_client(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLMCHAT_API_KEY"}
+def run_client(args: list[str], stdin: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "LLMCHAT_API_KEY"}
     return subprocess.run([sys.executable, "-m", "llmchat", *args], input=stdin,
                           capture_output=True, text=True, timeout=120,
-                          env={**env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+                          env={**base, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                               **(env or {})})
 
 
 def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # noqa: ANN001
@@ -413,6 +556,8 @@ def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # 
     assert data["model"] == "chatglm2-6b"
     assert data["reply"] == greedy(reference, [Message("user", "hello")], 8)
     assert data["completion_tokens"] == 8 and data["finish_reason"] == "length"
+    # "[Round 1]\n\n问：" is still cached from the request before (the server reports it)
+    assert 0 < data["cached_tokens"] < data["prompt_tokens"]
 
     res = run_client(["chat", *greedy_args], stdin="你好\n北京\n")
     assert res.returncode == 0, res.stderr
@@ -423,6 +568,134 @@ def test_ask_and_chat_against_the_server(server: Server, reference) -> None:  # 
 
     res = run_client(["ask", "--api-base", server.base, "-m", "gpt-4", "hi"])
     assert res.returncode == 1 and "not found" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- VisualGLM: image_url parts -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from tests.ckpt_visualglm import visualglm_checkpoint
+
+    return visualglm_checkpoint(tmp_path_factory.mktemp("vg") / "visualglm-6b",
+                                dtype=torch.float32)
+
+
+def noise_png(path: Path, seed: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def data_uri(path: Path, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def ask_image(tc, question: str, url: str | None, history: list | None = None,  # noqa: ANN001
+              **kw: object):  # noqa: ANN201
+    content: list[dict[str, object]] = [{"type": "text", "text": question}]
+    if url is not None:
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    body = {"messages": [*(history or []), {"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": 8, **kw}
+    return tc.post("/v1/chat/completions", json=body)
+
+
+def test_visualglm_data_uri_replies_equal_llmchat_image(vg_dir: Path, tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from llmchat.cli import app
+    from llmchat.server import create_app
+
+    pic = noise_png(tmp_path / "pic.png", 7)
+    flags = ["-p", str(vg_dir), *CPU, "--temperature", "0", "--max-new-tokens", "8"]
+    one = CliRunner().invoke(app, ["image", str(pic), "这是什么？", *flags])
+    assert one.exit_code == 0, one.output
+    chat = CliRunner().invoke(app, ["image", str(pic), *flags], input="这是什么？\n颜色呢？\n")
+    assert chat.exit_code == 0, chat.output
+
+    model = load(model_path=vg_dir, device="cpu", dtype="float32")
+    with TestClient(create_app(model)) as tc:
+        r1 = ask_image(tc, "这是什么？", data_uri(pic))
+        assert r1.status_code == 200, r1.text
+        a1 = r1.json()["choices"][0]["message"]["content"]
+        assert one.stdout == a1 + "\n"
+        # turn 2: the image stays with the first message, as `llmchat image` attaches it
+        history = [{"role": "user", "content": [
+                        {"type": "text", "text": "这是什么？"},
+                        {"type": "image_url", "image_url": {"url": data_uri(pic)}}]},
+                   {"role": "assistant", "content": a1}]
+        r2 = ask_image(tc, "颜色呢？", None, history)
+        assert r2.status_code == 200, r2.text
+        assert chat.stdout == f"{a1}\n{r2.json()['choices'][0]['message']['content']}\n"
+        # the same image again (a client resending it each turn) is still one image
+        r3 = ask_image(tc, "颜色呢？", data_uri(pic, "image/jpeg"), history)
+        assert r3.json()["choices"][0]["message"]["content"] == (
+            r2.json()["choices"][0]["message"]["content"])
+        # the prompt holds the image's placeholders
+        assert r1.json()["usage"]["prompt_tokens"] == model.count_tokens(
+            [Message("user", "这是什么？", str(pic))])
+
+
+def test_visualglm_image_sources_and_refusals(vg_dir: Path, tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from llmchat.server import create_app
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    pic = noise_png(allowed / "pic.png", 7)
+    other = noise_png(tmp_path / "other.png", 8)
+    (allowed / "link.png").symlink_to(other)
+    (allowed / "notes.txt").write_text("hello")
+    model = load(model_path=vg_dir, device="cpu", dtype="float32")
+
+    def refused(r, code: str | None = None, match: str = "") -> None:  # noqa: ANN001
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["param"].startswith("messages"), err
+        assert match in err["message"], err
+        if code:
+            assert err["code"] == code, err
+
+    with TestClient(create_app(model)) as tc:
+        expected = ask_image(tc, "这是什么？", data_uri(pic)).json()
+        refused(ask_image(tc, "q", pic.as_uri()), "image_url_refused", "--allow-local-images")
+        refused(ask_image(tc, "q", str(pic)), "image_url_refused")
+        refused(ask_image(tc, "q", "https://example.com/cat.png"), "image_url_refused",
+                "not fetched")
+        refused(ask_image(tc, "q", "data:image/png;base64,@@@"), None, "base64")
+        refused(ask_image(tc, "q", "data:text/plain;base64,aGk="), None, "not an image")
+        refused(ask_image(tc, "q", data_uri(allowed / "notes.txt")), None, "not an image")
+        two = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": data_uri(other)}}, {"type": "text", "text": "a"}]},
+            {"role": "assistant", "content": "b"}]
+        refused(ask_image(tc, "q", data_uri(pic), two), "too_many_images")
+        bad_role = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(pic)}}]}]
+        refused(ask_image(tc, "q", None, bad_role), None, "user messages")
+        only_image = ask_image(tc, "", data_uri(pic))
+        assert only_image.status_code == 200, only_image.text
+
+    with TestClient(create_app(model, allow_local_images=allowed)) as tc:
+        for url in (pic.as_uri(), str(pic), f"file://localhost{pic}"):
+            r = ask_image(tc, "这是什么？", url)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"] == expected["choices"]
+        refused(ask_image(tc, "q", other.as_uri()), "image_url_refused", "outside")
+        refused(ask_image(tc, "q", str(allowed / "link.png")), "image_url_refused", "outside")
+        refused(ask_image(tc, "q", str(allowed / ".." / "other.png")), "image_url_refused")
+        refused(ask_image(tc, "q", str(allowed / "missing.png")), None, "not found")
+        refused(ask_image(tc, "q", "file://elsewhere/x.png"), "image_url_refused")
+        refused(ask_image(tc, "q", "pic.png"), "image_url_refused")
+        refused(ask_image(tc, "q", "http://127.0.0.1/pic.png"), "image_url_refused")
 
 
 # -- in process (Starlette's TestClient, no sockets): Qwen's system role, the bind notice ----------
@@ -444,6 +717,11 @@ def test_qwen_system_prompt_in_process(tmp_path: Path) -> None:
             "max_tokens": 10})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == expected
+        again = tc.post("/v1/chat/completions", json={  # Qwen reuses the prefix too
+            "messages": [m.to_dict() for m in msgs], "temperature": 0, "max_tokens": 10}).json()
+        assert again["choices"][0]["message"]["content"] == expected
+        usage = again["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         r = tc.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 6})
         assert r.json()["choices"][0]["message"]["content"] == default_system

@@ -99,7 +99,7 @@ def _reader_session(hist: Path, lines: list[str], warnings: list[str]) -> list[s
 def test_history_file_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from llmchat.repl import data_dir
+    from llmchat.paths import data_dir
 
     monkeypatch.setenv("LLMCHAT_HOME", str(tmp_path / "home"))
     hist = data_dir() / "history"

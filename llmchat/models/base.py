@@ -1,10 +1,11 @@
 """The ``ChatModel`` interface and the glue that turns any architecture module into one.
 
-Every ``llmchat/models/<arch>.py`` exports the names of ``Arch`` below (mlx-lm style);
-``contract(module)`` collects them into one typed object and fails loudly when a required one
-is missing, so a fifth model cannot silently lose a hook. ``TransformerChatModel.generate``
-encodes the prompt, runs ``generate.generate_tokens`` over the model's KV cache and streams the
-detokenized, post-processed text as a ``Reply``.
+Every ``llmchat/models/<arch>.py`` exports the names of ``Arch`` below (mlx-lm style; the text
+hooks are re-exported from ``llmchat/tokenizers/<arch>.py``); ``contract(module)`` collects them
+into one typed object and fails loudly when a required one is missing, so a fifth model cannot
+silently lose a hook. ``TransformerChatModel.generate`` encodes the prompt, runs
+``generate.generate_tokens`` over the model's KV cache (a typed ``KVCache`` subclass where the
+model keeps per-sequence state) and streams the detokenized, post-processed text as a ``Reply``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from llmchat.cache import KVCache
 from llmchat.errors import ContextOverflowError, ImageError, UsageError
-from llmchat.generate import generate_tokens, make_sampler
+from llmchat.generate import InvalidScoreGuard, generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
 from llmchat.tokenizer import StreamDecoder, Tokenizer
 from llmchat.types import GenerationConfig, Message, Reply, ReplyStats
@@ -38,23 +39,25 @@ class Arch:
     """What an architecture module provides. Required names are upper-case constants or
     functions of the module; the optional ones default to the values given here.
 
-    * ``Config.from_hf(config_json) -> Config``; ``Model(config)``: parameter names equal the
-      checkpoint's (after ``checkpoint_key``), ``forward(ids (B, T), cache=None, last_only=False)
-      -> logits`` advancing the cache, ``make_cache(max_len, *, dtype, device)``,
-      ``max_positions: int | None``; no buffers (built on the meta device, loaded by assignment).
+    * ``Config.from_hf(config_json) -> Config`` with ``layer_counts()``; ``Model(config)``:
+      parameter names equal the checkpoint's (after ``checkpoint_key``), ``forward(ids (B, T),
+      cache=None, last_only=False) -> logits`` advancing the cache, ``make_cache(max_len, *,
+      dtype, device)`` (a ``KVCache``, or a typed subclass holding the model's per-sequence
+      state), ``static_key(cache)`` (None: no static decode step), ``max_positions: int |
+      None``; no buffers (built on the meta device, loaded by assignment).
     * ``checkpoint_key(key) -> name | None`` (None: drop); ``QUANT_LINEARS``: suffixes of the
       linears ``--quant`` replaces (``quant_skip(name)`` excludes some, e.g. a vision tower).
     * ``load_tokenizer(dir)``, ``build_prompt(messages) -> str`` (golden-tested),
       ``encode_messages(tok, messages) -> ids``, ``postprocess(text)``, ``holdback(text)`` (how
       many trailing characters post-processing may still change), ``stop_ids(tok)``.
-    * ``INVALID_FALLBACK_ID`` / ``INVALID_CHECK_INF``: ChatGLM's nan/inf guard (None: none);
+    * ``INVALID_SCORES``: the nan/inf guard, a ``generate.InvalidScoreGuard`` (None: none);
       ``SUPPORTS_SYSTEM`` (``DEFAULT_SYSTEM`` when none is given); ``DROP_LAST_TOKEN_AT_LENGTH``
       (Qwen's ``_decode_chatml`` quirk);
       ``ChatModelClass`` where the glue needs more (VisualGLM's image splice).
     * ``CAUSAL_PROMPT``: the prompt is causal, so the keys/values of a conversation's earlier
       tokens do not change when it grows and are reused across turns (ChatGLM2, Qwen; not the
-      prefix-LM ChatGLM-6B/VisualGLM). ``Model.kv_reusable(cache, prompt_len)`` may refuse
-      (Qwen: only while the dynamic-NTK factor stays the same).
+      prefix-LM ChatGLM-6B/VisualGLM). The cache's ``reusable(prompt_len)`` may refuse (Qwen:
+      only while the dynamic-NTK factor stays the same).
     """
 
     name: str
@@ -68,9 +71,8 @@ class Arch:
     postprocess: Callable[[str], str]
     holdback: Callable[[str], int]
     stop_ids: Callable[[Any], frozenset[int]]
-    invalid_fallback_id: int | None
+    invalid_scores: InvalidScoreGuard | None
     supports_system: bool
-    invalid_check_inf: bool = True
     drop_last_token_at_length: bool = False
     causal_prompt: bool = False
     quant_skip: Callable[[str], bool] | None = None
@@ -83,13 +85,14 @@ _REQUIRED = {
     "quant_linears": "QUANT_LINEARS", "load_tokenizer": "load_tokenizer",
     "build_prompt": "build_prompt", "encode_messages": "encode_messages",
     "postprocess": "postprocess", "holdback": "holdback", "stop_ids": "stop_ids",
-    "invalid_fallback_id": "INVALID_FALLBACK_ID", "supports_system": "SUPPORTS_SYSTEM",
+    "invalid_scores": "INVALID_SCORES", "supports_system": "SUPPORTS_SYSTEM",
 }
 _OPTIONAL = {
-    "invalid_check_inf": "INVALID_CHECK_INF", "drop_last_token_at_length":
-    "DROP_LAST_TOKEN_AT_LENGTH", "quant_skip": "quant_skip", "chat_model_class": "ChatModelClass",
-    "default_system": "DEFAULT_SYSTEM", "causal_prompt": "CAUSAL_PROMPT",
+    "drop_last_token_at_length": "DROP_LAST_TOKEN_AT_LENGTH", "quant_skip": "quant_skip",
+    "chat_model_class": "ChatModelClass", "default_system": "DEFAULT_SYSTEM",
+    "causal_prompt": "CAUSAL_PROMPT",
 }
+_MODEL_METHODS = ("make_cache", "static_key", "forward")
 
 
 def contract(module: ModuleType) -> Arch:
@@ -98,6 +101,12 @@ def contract(module: ModuleType) -> Arch:
     if isinstance(cached, Arch):
         return cached
     missing = [n for n in _REQUIRED.values() if not hasattr(module, n)]
+    model_cls = getattr(module, "Model", None)
+    missing += [f"Model.{n}" for n in _MODEL_METHODS
+                if model_cls is not None and not callable(getattr(model_cls, n, None))]
+    config_cls = getattr(module, "Config", None)
+    if config_cls is not None and not callable(getattr(config_cls, "layer_counts", None)):
+        missing.append("Config.layer_counts")
     if missing:
         raise TypeError(f"{module.__name__} does not implement the model contract: "
                         f"missing {', '.join(missing)}")
@@ -227,7 +236,7 @@ class TransformerChatModel(ChatModel):
 
     def context_budget(self, config: GenerationConfig) -> int:
         """``max_length``, but never past the positions the model has (ChatGLM-6B: 2048)."""
-        limit = getattr(self.model, "max_positions", None)
+        limit = self.model.max_positions
         return min(config.max_length, limit) if limit else config.max_length
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
@@ -251,8 +260,7 @@ class TransformerChatModel(ChatModel):
         cache, kept = self._cache, 0
         if cache is not None and reuse and self.kv_reuse and self._kv_ids:
             kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
-            reusable = getattr(self.model, "kv_reusable", None)
-            if kept and reusable is not None and not reusable(cache, prompt):
+            if kept and not cache.reusable(prompt):
                 kept = 0
         if kept:
             cache.offset = cache.prefix_len + kept
@@ -334,9 +342,8 @@ class TransformerChatModel(ChatModel):
         stats.decode_path = step.path if step is not None else "eager"
         arch = self.arch
         stop = frozenset(arch.stop_ids(self.tokenizer))
-        sample = make_sampler(config, eos_ids=sorted(stop),
-                              invalid_fallback_id=arch.invalid_fallback_id,
-                              invalid_check_inf=arch.invalid_check_inf, device=self.device)
+        sample = make_sampler(config, eos_ids=sorted(stop), invalid_guard=arch.invalid_scores,
+                              device=self.device)
         decoder = StreamDecoder(self.tokenizer.decode, arch.postprocess, arch.holdback)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -358,7 +365,7 @@ class TransformerChatModel(ChatModel):
             delta = decoder.push(token)
             stats.total_s = time.perf_counter() - t0
             stats.decode_s = stats.total_s - stats.ttft_s
-            if delta:
+            if delta or reply.every_token:
                 yield delta
         stats.finish_reason = "length" if stats.completion_tokens >= max_new else "stop"
         tail = ""

@@ -13,8 +13,9 @@ Departures from a standard pre-norm decoder (REFERENCE.md §2, hub revision 8b7d
 * Attention scales q by 1/(sqrt(D)*(layer+1)), fills masked scores with -10000, then multiplies
   by (layer+1) in fp32 before the softmax — kept as is so fp16 runs round like upstream.
 * tanh-GELU MLP; ``lm_head`` is tied to the word embeddings.
-* Decoding ends with transformers' ``clean_up_tokenization`` (on by default in the transformers
-  4.27.1 that upstream pins), so streaming holds back what it may still rewrite.
+
+The tokenizer, template and post-processing are in ``llmchat.tokenizers.chatglm`` (re-exported
+below as this module's contract hooks); the sequence's position state is ``Cache``.
 
 Departure: the RoPE angles are computed in fp32 (from the fp16-rounded ``inv_freq``, as upstream).
 Upstream's fp16 path also rounds ``position * inv_freq`` to fp16, which is off by up to ~0.5 rad
@@ -26,10 +27,7 @@ Shapes: B batch, T new tokens, S cached + new tokens, H heads, D head dim.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
-from llmchat.errors import TokenizerError, UnsupportedCheckpointError
+from llmchat.errors import UnsupportedCheckpointError
+from llmchat.generate import InvalidScoreGuard
 from llmchat.models.layers import (
     BIG,
     Range,
@@ -47,19 +46,19 @@ from llmchat.models.layers import (
     require,
     require_keys,
 )
-from llmchat.safeio import MAX_CONFIG_BYTES, read_json
-from llmchat.tokenizer import load_sentencepiece, partial_suffix_len
-from llmchat.types import Message, split_turns
+from llmchat.tokenizers.chatglm import (  # noqa: F401 - the text hooks of the contract
+    CURRENT_REVISION,
+    build_prompt,
+    encode_messages,
+    holdback,
+    load_tokenizer,
+    postprocess,
+    stop_ids,
+)
 
 # Upstream GLMBlock defaults num_layers=28 and ChatGLMModel never passes the real count, so the
 # residual scale is sqrt(2*28) for every checkpoint, tiny test models included.
 ALPHA = math.sqrt(2 * 28)
-
-CURRENT_REVISION = (
-    "the current THUDM/chatglm-6b hub revision is needed (vocab_size 130528, ice_text.model "
-    "sha256 5e974d9a…816f17e); the pre-April-2023 files (vocab 150528, ids offset by 20000) "
-    "are not supported"
-)
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,6 @@ class Config:
     gmask_token_id: int = 130001
     bos_token_id: int = 130004  # <sop>: the context ends before it
     eos_token_id: int = 130005  # <eop>
-    quantization_bit: int = 0
 
     # config.json key -> field
     _HF_KEYS = {
@@ -90,7 +88,6 @@ class Config:
         "gmask_token_id": "gmask_token_id",
         "bos_token_id": "bos_token_id",
         "eos_token_id": "eos_token_id",
-        "quantization_bit": "quantization_bit",
     }
     # Token ids are fixed by ice_text.model. Upstream's class defaults, which apply when
     # config.json omits a key, are the old revision's: vocab and ids 20000 higher.
@@ -105,7 +102,7 @@ class Config:
         "layernorm_epsilon": (float, 0.0, 1.0),
         "max_sequence_length": (int, 1, BIG),
         **dict.fromkeys(_TOKEN_KEYS, (int, 0, BIG)),
-        "quantization_bit": (int, 0, 16),
+        "quantization_bit": (int, 0, 16),  # read by the loader (pre-quantized weights)
     }
 
     @property
@@ -150,6 +147,41 @@ class Config:
 
 
 # -- positions, mask and rotary ----------------------------------------------------------------
+class Cache(KVCache):
+    """The KV cache plus the sequence's 2D-position state: the ``[gMASK]`` position and the
+    last block position, (B,) device tensors the decode step reads and advances in place (so a
+    captured step replays the update; ``state_version`` counts their reallocations)."""
+
+    def __init__(self, cfg: Config, max_len: int, *, dtype: torch.dtype, device: Any) -> None:
+        super().__init__(cfg.num_layers, cfg.num_heads, cfg.head_dim, max_len, dtype=dtype,
+                         device=device)
+        self.prefilled = False
+        self.mask_position = torch.zeros(0, dtype=torch.long, device=device)
+        self.block_position = torch.zeros(0, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefilled = False
+
+    def device_state(self) -> tuple[Tensor, ...]:
+        return (self.mask_position, self.block_position)
+
+    def start(self, mask_position: Tensor, block_position: Tensor) -> None:
+        """Record the prefill's ``[gMASK]`` and last block positions."""
+        self.mask_position = self.keep(self.mask_position, mask_position)
+        self.block_position = self.keep(self.block_position, block_position)
+        self.prefilled = True
+
+    def next_positions(self, t: int) -> tuple[Tensor, Tensor]:
+        """Positions and block positions (B, T) of ``t`` tokens after the cached ones; the
+        block position advances with them."""
+        if not self.prefilled:
+            raise ValueError("cached ChatGLM-6B step without a prefill")
+        block = self.block_position[:, None] + 1 + torch.arange(t, device=self.device)[None, :]
+        self.block_position.copy_(block[:, -1])  # in place: a captured step replays this
+        return self.mask_position[:, None].expand(-1, t), block
+
+
 def glm_positions(
     input_ids: Tensor, cfg: Config, cache: KVCache | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -157,8 +189,9 @@ def glm_positions(
 
     At prefill (no cache or an empty one) the context is everything before ``<sop>``: it gets
     positions 0.., is visible to every query, and ``<sop>`` plus later tokens sit at the
-    ``[gMASK]`` position with block positions 1, 2, ... Cached steps continue the block
-    positions from ``cache.meta``. Returns None for the mask when nothing is masked.
+    ``[gMASK]`` position with block positions 1, 2, ... A ``Cache`` records them, and cached
+    steps continue from it; another ``KVCache`` (a training prefix cache) serves a prefill
+    only. Returns None for the mask when nothing is masked.
     """
     b, t = input_ids.shape
     dev = input_ids.device
@@ -179,21 +212,17 @@ def glm_positions(
         block = (ar[None, :] - ctx[:, None] + 1).clamp(min=0)
         # causal, except that context columns are visible to every row
         masked = (ar[None, None, :] > ar[None, :, None]) & (ar[None, None, :] >= ctx[:, None, None])
-        if cache is not None:
-            cache.meta["glm_prefilled"] = True
-            cache.set_state("mask_position", mask_pos)
-            cache.set_state("block_position", block[:, -1])
+        if isinstance(cache, Cache):
+            cache.start(mask_pos, block[:, -1])
         if prefix:  # the prefix columns come first and are always visible (upstream :960-964)
             masked = F.pad(masked.expand(b, t, t), (prefix, 0), value=False)
         return pos, block, masked[:, None]  # mask (B, 1, T, P + T)
-    if not cache.meta.get("glm_prefilled"):
-        raise ValueError("cached ChatGLM-6B step without a prefill (cache.meta is empty)")
-    mask_pos, last = cache.state["mask_position"], cache.state["block_position"]
-    pos = mask_pos[:, None].expand(b, t)
-    block = last[:, None] + 1 + ar[None, :]
-    last.copy_(block[:, -1])  # in place: a captured decode step replays this update
-    if cache.static:  # one token over the whole static buffer: hide the unwritten slots
-        return pos, block, ~cache.valid_mask()
+    if not isinstance(cache, Cache):
+        raise ValueError("cached ChatGLM-6B steps need the model's Cache (Model.make_cache)")
+    pos, block = cache.next_positions(t)
+    visible = cache.key_mask()
+    if visible is not None:  # a static step over the whole buffer: hide the unwritten slots
+        return pos, block, ~visible
     if t == 1:
         return pos, block, None  # a single new token sees everything
     s = cache.offset + t
@@ -297,19 +326,18 @@ class Model(nn.Module):
         self.max_positions: int | None = cfg.max_sequence_length  # the trained context
         self.tied_output = True  # the output layer streams the embedding matrix (benchmarks)
 
-    def static_key(self, cache: KVCache) -> object | None:
-        """Decode steps read only device state (``cache.state``): capturable until that state
-        is reallocated."""
+    def static_key(self, cache: Cache) -> object | None:
+        """Decode steps read only the cache's device state: capturable until that state is
+        reallocated."""
         return cache.state_version
 
-    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, c.num_heads, c.head_dim, max_len, dtype=dtype, device=device)
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> Cache:
+        return Cache(self.config, max_len, dtype=dtype, device=device)
 
     def forward(
         self,
         input_ids: Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         *,
         input_embeds: Tensor | None = None,
         last_only: bool = False,
@@ -347,146 +375,5 @@ QUANT_LINEARS = (
 )
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-TOKENIZER_FILE = "ice_text.model"
-MAX_BLANK = 80
-
-
-_SPACE_RUN = re.compile(" {2,%d}" % MAX_BLANK)  # noqa: UP031 - braces are regex syntax here
-_BLANK_NS = "|".join(map(str, range(MAX_BLANK, 1, -1)))
-_BLANK_TOKEN = re.compile(rf"<\|blank_({_BLANK_NS})\|>")
-
-
-class ChatGLMTokenizer:
-    """sentencepiece ``ice_text.model`` with upstream's newline/tab/space-run pre-processing.
-
-    Ids are the raw sentencepiece ids: the special pieces live inside the model file.
-    """
-
-    PIECES = {
-        "[MASK]": 130000,
-        "[gMASK]": 130001,
-        "<sop>": 130004,
-        "<eop>": 130005,
-        "<n>": 4,
-        "<|tab|>": 130008,
-        "<|blank_80|>": 130087,
-    }
-
-    def __init__(self, path: Path) -> None:
-        self.sp = load_sentencepiece(path)
-        for piece, want in self.PIECES.items():
-            if self.sp.piece_to_id(piece) != want:
-                raise UnsupportedCheckpointError(
-                    f"{path.name}: unexpected tokenizer; {CURRENT_REVISION}"
-                )
-        self.mask_id, self.gmask_id = 130000, 130001
-        self.sop_id, self.eos_id, self.pad_id = 130004, 130005, 3
-        self._n = self.sp.vocab_size()
-
-    @staticmethod
-    def preprocess(text: str) -> str:
-        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-        # greedy left to right = upstream's longest-runs-first replacement loop
-        return _SPACE_RUN.sub(lambda m: f"<|blank_{len(m.group())}|>", text)
-
-    @staticmethod
-    def postprocess(text: str) -> str:
-        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
-        return _BLANK_TOKEN.sub(lambda m: " " * int(m.group(1)), text)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(self.preprocess(text)))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        # control pieces (<sop>, <eop>, ...) decode to nothing; pad and ids past the
-        # tokenizer (the embedding has 130528 rows for 130344 pieces) are dropped
-        keep = [i for i in ids if 0 <= i < self._n and i != self.pad_id]
-        return clean_up_spaces(self.postprocess(str(self.sp.decode(keep))))
-
-
-# transformers' ``clean_up_tokenization``, which upstream ``tokenizer.decode`` applies by default
-# in the transformers release the ChatGLM-6B repo pins (4.27.1): each pattern becomes itself
-# without spaces, in this order, one ``str.replace`` pass each.
-CLEANUP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
-
-
-def clean_up_spaces(text: str) -> str:
-    for old in CLEANUP:
-        text = text.replace(old, old.strip())
-    return text
-
-
-def load_tokenizer(model_dir: Path) -> ChatGLMTokenizer:
-    cfg = Path(model_dir) / "tokenizer_config.json"
-    if cfg.is_file():  # optional; when present it is read like any other JSON
-        data = read_json(cfg, max_bytes=MAX_CONFIG_BYTES, what="tokenizer_config.json",
-                         error=TokenizerError)
-        image_tokens = data.get("num_image_tokens", 0) if isinstance(data, dict) else 0
-        if image_tokens:
-            raise UnsupportedCheckpointError(
-                f"tokenizer_config.json has num_image_tokens={image_tokens}: {CURRENT_REVISION}"
-            )
-    return ChatGLMTokenizer(Path(model_dir) / TOKENIZER_FILE)
-
-
-# -- chat format -------------------------------------------------------------------------------
-def build_prompt(messages: Sequence[Message]) -> str:
-    """The bare query without history, else ``[Round i]\\n问：q\\n答：r\\n`` per turn from i = 0."""
-    _, history, query = split_turns(list(messages))
-    if not history:
-        return query
-    parts = [f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history)]
-    parts.append(f"[Round {len(history)}]\n问：{query}\n答：")
-    return "".join(parts)
-
-
-def encode_messages(tok: ChatGLMTokenizer, messages: Sequence[Message]) -> list[int]:
-    """The template's tokens followed by ``[gMASK] <sop>`` (upstream appends the two)."""
-    return [*tok.encode(build_prompt(messages)), tok.gmask_id, tok.sop_id]
-
-
-TRAINING_TIME = "[[训练时间]]"
-PUNCT = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？"))
-_CJK = "[\u4e00-\u9fff]"
-
-
-def postprocess(text: str) -> str:
-    """Upstream ``process_response``: strip, fill in the training time, and make ``,!:;?``
-    full-width where a CJK character precedes or follows them (one regex pass for each side)."""
-    text = text.strip().replace(TRAINING_TIME, "2023年")
-    for ascii_mark, wide in PUNCT:
-        mark = re.escape(ascii_mark)
-        text = re.sub(f"({_CJK}){mark}", rf"\g<1>{wide}", text)
-        text = re.sub(f"{mark}({_CJK})", rf"{wide}\g<1>", text)
-    return text
-
-
-_CLEANUP_CHARS = frozenset("".join(CLEANUP))
-
-
-def holdback(text: str) -> int:
-    """How many trailing characters later tokens may still change while streaming.
-
-    * a trailing ASCII ``,!:;?``: it turns full width if a CJK character follows;
-    * a partial ``[[训练时间]]``;
-    * the clean-up: each pattern starts with a space, so a change can only start at a space
-      followed by pattern characters up to the end, or at an apostrophe left by a cleaned
-      `` ' `` whose last space a following ``.``/``,``/... takes instead.
-    """
-    mark = 1 if text and text[-1] in ",!:;?'" else 0
-    tail = text[-8:]  # a chain of clean-ups spans fewer characters than this
-    k = len(tail)
-    while k and tail[k - 1] in _CLEANUP_CHARS:
-        k -= 1
-    space = tail.find(" ", k)
-    cleanup = len(tail) - space if space >= 0 else 0
-    return max(mark, cleanup, partial_suffix_len(text, TRAINING_TIME))
-
-
-def stop_ids(tok: ChatGLMTokenizer) -> frozenset[int]:
-    return frozenset({tok.eos_id})
-
-
-INVALID_FALLBACK_ID = 5  # upstream InvalidScoreLogitsProcessor favours id 5 on nan/inf
+INVALID_SCORES = InvalidScoreGuard(5)  # upstream InvalidScoreLogitsProcessor: id 5 on nan/inf
 SUPPORTS_SYSTEM = False

@@ -91,7 +91,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None) -> 
     b, h, t, d = q.shape
     g = k.shape[1]
     gqa = g != h
-    mask = cache.valid_mask() if cache is not None and cache.static else None  # (1, 1, 1, S)
+    mask = cache.key_mask() if cache is not None else None  # static step: (1, 1, 1, S)
     if t == 1:
         if gqa:  # fold each group's H/G query heads into the query-length axis: no K/V copies
             out = F.scaled_dot_product_attention(q.reshape(b, g, h // g, d), k, v, attn_mask=mask)

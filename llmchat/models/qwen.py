@@ -10,7 +10,7 @@ Long contexts, as upstream (REFERENCE.md §4.3), only once the context exceeds `
 
 * dynamic NTK: at prefill, alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1) from the total
   kv length L, and RoPE uses base * alpha^(D / (D - 2)). Decode steps reuse the prefill alpha
-  (kept in ``cache.meta``), so alpha changes only with a new prompt.
+  (``Cache.ntk_alpha``), so alpha changes only with a new prompt.
 * logn attention: while the kv length exceeds ``seq_length``, the query at 1-based position
   p > seq_length is scaled by log_{seq_length}(p).
 
@@ -21,24 +21,19 @@ seq_length 8192, ``max_position_embeddings`` 32768). ``Model.max_positions`` is
 (with NTK + logn), not ``seq_length``, so the chat glue does not refuse long prompts upstream
 accepts.
 
-Departures from upstream: chunked prefill (offset > 0 with several new tokens) uses a proper
-causal mask; ids the tokenizer does not know (the padded rows 151851..151935) decode to nothing
-instead of raising. Reference: REFERENCE.md §4, modeling_qwen.py / tokenization_qwen.py /
-qwen_generation_utils.py of the hub repo; transformers' ``Qwen2ForCausalLM`` computes the same
-function within ``seq_length`` (w2 = gate, w1 = up).
+Departure from upstream: chunked prefill (offset > 0 with several new tokens) uses a proper
+causal mask. Reference: REFERENCE.md §4, modeling_qwen.py / qwen_generation_utils.py of the hub
+repo; transformers' ``Qwen2ForCausalLM`` computes the same function within ``seq_length``
+(w2 = gate, w1 = up). The tokenizer, ChatML template and post-processing are in
+``llmchat.tokenizers.qwen`` (re-exported below as contract hooks).
 
 Shapes: B batch, T new tokens, S cached + new tokens, H heads, D head dim.
 """
 
 from __future__ import annotations
 
-import binascii
 import math
-import unicodedata
-from base64 import b64decode
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -46,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmchat.cache import KVCache
-from llmchat.errors import TokenizerError, UnsupportedCheckpointError
+from llmchat.errors import UnsupportedCheckpointError
 from llmchat.models.layers import (
     BIG,
     Range,
@@ -59,7 +54,17 @@ from llmchat.models.layers import (
     require,
     require_keys,
 )
-from llmchat.types import Message, split_turns
+from llmchat.tokenizers.qwen import (  # noqa: F401 - the text hooks of the contract
+    DEFAULT_SYSTEM,
+    SPECIAL_START_ID,
+    SPECIAL_TOKENS,
+    build_prompt,
+    encode_messages,
+    holdback,
+    load_tokenizer,
+    postprocess,
+    stop_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,40 @@ class Config:
         """Checkpoint key prefix -> (config.json key, layers it says), checked against the keys."""
         return {"transformer.h": ("num_hidden_layers", self.num_layers)}
 
+    def ntk_factor(self, kv_len: int) -> float:
+        """The dynamic-NTK factor for a prompt of ``kv_len`` tokens (1 when it is off)."""
+        return ntk_alpha(kv_len, self.seq_length) if self.use_dynamic_ntk else 1.0
+
 
 # -- long-context helpers ------------------------------------------------------------------------
 def ntk_alpha(kv_len: int, seq_length: int) -> float:
     """Upstream's dynamic-NTK factor for a prompt of ``kv_len`` tokens (1 within seq_length)."""
     return float(max(2 ** math.ceil(math.log(kv_len / seq_length, 2) + 1) - 1, 1))
+
+
+class Cache(KVCache):
+    """The KV cache plus the sequence's dynamic-NTK factor, decided at prefill from the whole
+    prompt and kept for the decode steps (cached keys carry the rotary of that factor)."""
+
+    def __init__(self, cfg: Config, max_len: int, *, dtype: torch.dtype, device: Any) -> None:
+        super().__init__(cfg.num_layers, cfg.num_heads, cfg.kv_channels, max_len, dtype=dtype,
+                         device=device)
+        self.cfg = cfg
+        self.ntk_alpha = 1.0
+
+    def reset(self) -> None:
+        super().reset()
+        self.ntk_alpha = 1.0
+
+    def rope_alpha(self, t: int) -> float:
+        """The NTK factor for ``t`` new tokens: set at prefill (offset 0), then kept."""
+        if self.offset == 0:
+            self.ntk_alpha = self.cfg.ntk_factor(t)
+        return self.ntk_alpha
+
+    def reusable(self, prompt_len: int) -> bool:
+        """Reuse keys only while a new prompt of ``prompt_len`` tokens gets the same alpha."""
+        return self.cfg.ntk_factor(prompt_len) == self.ntk_alpha
 
 
 def rope_cos_sin(positions: Tensor, dim: int, theta: float, alpha: float) -> tuple[Tensor, Tensor]:
@@ -270,45 +304,29 @@ class Model(nn.Module):
         # Upstream runs past seq_length (NTK + logn) up to its position tables' size.
         self.max_positions: int | None = cfg.max_positions
 
-    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, c.num_heads, c.kv_channels, max_len,
-                       dtype=dtype, device=device)
+    def make_cache(self, max_len: int, *, dtype: torch.dtype, device: Any) -> Cache:
+        return Cache(self.config, max_len, dtype=dtype, device=device)
 
-    def static_key(self, cache: KVCache) -> object | None:
+    def static_key(self, cache: Cache) -> object | None:
         """A static (capturable) decode step bakes in the prefill's NTK alpha, so a new alpha
         needs a new capture; past seq_length logn scaling varies per step: decode eagerly."""
         cfg = self.config
         if cfg.use_logn_attn and cache.offset + 1 > cfg.seq_length:
             return None
-        return cache.meta.get("ntk_alpha", 1.0)
-
-    def kv_reusable(self, cache: KVCache, prompt_len: int) -> bool:
-        """Cached keys carry the rotary factor of the prompt they were computed for: reuse
-        them only while a new prompt of ``prompt_len`` tokens gets the same NTK alpha."""
-        cfg = self.config
-        alpha = ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-        return alpha == cache.meta.get("ntk_alpha", 1.0)
+        return cache.ntk_alpha
 
     def forward(
-        self, input_ids: Tensor, cache: KVCache | None = None, *, last_only: bool = False
+        self, input_ids: Tensor, cache: Cache | None = None, *, last_only: bool = False
     ) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position when ``last_only``."""
         cfg = self.config
         offset = cache.offset if cache is not None else 0
         t = input_ids.shape[1]
         kv_len = offset + t
-        # NTK alpha is decided at prefill from the whole prompt and kept for the decode steps.
-        if offset == 0 or cache is None:
-            alpha = ntk_alpha(kv_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-            if cache is not None:
-                cache.meta["ntk_alpha"] = alpha
-        else:
-            alpha = cache.meta.get("ntk_alpha", 1.0)
         if cache is not None:
-            positions = cache.positions(t)
+            alpha, positions = cache.rope_alpha(t), cache.positions(t)
         else:
-            positions = torch.arange(t, device=input_ids.device)
+            alpha, positions = cfg.ntk_factor(t), torch.arange(t, device=input_ids.device)
         rope = rope_cos_sin(positions, cfg.kv_channels, cfg.rope_theta, alpha)
         logn = None
         if cfg.use_logn_attn and kv_len > cfg.seq_length:
@@ -334,139 +352,7 @@ def checkpoint_key(key: str) -> str | None:
 QUANT_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-# Upstream tokenization_qwen.py PAT_STR (digits split one by one, cl100k-like otherwise).
-PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_START_ID = 151643
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))
-TOKENIZER_FILE = "qwen.tiktoken"
-
-
-def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
-    """Parse ``base64(token) rank`` lines, naming the first malformed line."""
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer file not found: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TokenizerError(f"cannot read tokenizer {path}: {exc}") from None
-    ranks: dict[bytes, int] = {}
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line:
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError("expected 'base64-token rank'")
-            ranks[b64decode(parts[0], validate=True)] = int(parts[1])
-        except (ValueError, binascii.Error) as exc:
-            raise TokenizerError(f"{path} line {n} is malformed ({exc}): {line[:60]!r}") from None
-    if not ranks:
-        raise TokenizerError(f"{path} holds no tokens")
-    return ranks
-
-
-class QwenTokenizer:
-    """tiktoken BPE over ``qwen.tiktoken`` plus upstream's 208 special tokens."""
-
-    def __init__(self, path: Path) -> None:
-        import tiktoken
-
-        ranks = read_tiktoken_ranks(path)
-        if max(ranks.values()) >= SPECIAL_START_ID or len(set(ranks.values())) != len(ranks):
-            raise TokenizerError(f"{path}: ranks must be unique and below {SPECIAL_START_ID}")
-        if len(ranks) != SPECIAL_START_ID:  # unique and below it: then exactly 0..151642
-            # a cut file leaves ids the model emits without text (empty replies)
-            raise TokenizerError(
-                f"{path} has {len(ranks):,} token ranks; the Qwen vocabulary needs all "
-                f"{SPECIAL_START_ID:,} (ids 0..{SPECIAL_START_ID - 1}) besides the "
-                f"{len(SPECIAL_TOKENS)} special tokens: the file is cut short or not Qwen's"
-            )
-        self.special = {tok: SPECIAL_START_ID + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(
-            "qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special
-        )
-        self.eos_id = self.special[ENDOFTEXT]
-        self.im_start_id = self.special[IM_START]
-        self.im_end_id = self.special[IM_END]
-        self.vocab_size = self.enc.n_vocab  # 151851
-        self._known = set(ranks.values()) | set(self.special.values())
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """NFC-normalise and encode; special-token text is plain text unless allowed."""
-        text = unicodedata.normalize("NFC", text)
-        allowed: Any = "all" if allow_special else set()
-        return list(self.enc.encode(text, allowed_special=allowed, disallowed_special=()))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Bytes -> UTF-8 with U+FFFD for incomplete sequences (StreamDecoder holds them back)."""
-        return self.enc.decode([i for i in ids if i in self._known], errors="replace")
-
-
-def load_tokenizer(model_dir: Path) -> QwenTokenizer:
-    return QwenTokenizer(Path(model_dir) / TOKENIZER_FILE)
-
-
-# -- chat format (ChatML, upstream make_context) ------------------------------------------------
-DEFAULT_SYSTEM = "You are a helpful assistant."
-MAX_WINDOW_SIZE = 6144  # generation_config.json max_window_size
-
-
-def _system(messages: Sequence[Message]) -> tuple[str, list[tuple[str, str]], str]:
-    system, history, query = split_turns(list(messages))
-    return (DEFAULT_SYSTEM if system is None else system), history, query
-
-
-def build_prompt(messages: Sequence[Message]) -> str:
-    """The ChatML text of the whole conversation (before window truncation)."""
-    system, history, query = _system(messages)
-    parts = [f"<|im_start|>system\n{system}<|im_end|>"]
-    for q, r in history:
-        parts.append(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>")
-    parts.append(f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n")
-    return "\n".join(parts)
-
-
-def encode_messages(
-    tok: QwenTokenizer, messages: Sequence[Message], *, max_window_size: int = MAX_WINDOW_SIZE
-) -> list[int]:
-    """Upstream ``make_context``: role and content encoded separately (specials as plain text),
-    parts joined by "\\n"; past turns kept newest-first while they fit ``max_window_size``."""
-    system, history, query = _system(messages)
-    nl = tok.encode("\n")
-
-    def part(role: str, content: str) -> list[int]:
-        return [tok.im_start_id, *tok.encode(role), *nl, *tok.encode(content), tok.im_end_id]
-
-    system_ids = part("system", system)
-    context: list[int] = []
-    for q, r in reversed(history):
-        turn = nl + part("user", q) + nl + part("assistant", r)
-        if len(system_ids) + len(turn) + len(context) >= max_window_size:
-            break  # as upstream: stop at the first turn that does not fit
-        context = turn + context
-    return [*system_ids, *context, *nl, *part("user", query), *nl, tok.im_start_id,
-            *tok.encode("assistant"), *nl]
-
-
-def postprocess(text: str) -> str:
-    """Upstream ``_decode_chatml``: the reply up to the first stop token, stripped."""
-    return text.strip()
-
-
-def holdback(text: str) -> int:
-    return 0  # strip() already keeps trailing whitespace back while streaming
-
-
-def stop_ids(tok: QwenTokenizer) -> frozenset[int]:
-    return frozenset({tok.im_end_id, tok.im_start_id, tok.eos_id})
-
-
-INVALID_FALLBACK_ID = None  # upstream has no nan/inf guard
+INVALID_SCORES = None  # upstream has no nan/inf guard
 SUPPORTS_SYSTEM = True
 CAUSAL_PROMPT = True  # a conversation's earlier keys/values are reused on the next turn
 # Upstream _decode_chatml cuts the reply's last token when no end token was generated (the

@@ -18,43 +18,41 @@ Departure: upstream finds the image slot with ``rfind("<img>")`` over the whole 
 user typing ``<img>`` moved it (and ``<img>x</img>`` in a question made it open ``x``); here
 the slot is always the leading ``<img>`` and user text is never parsed for paths.
 
-Images (``load_image``): local paths only; see ``open_image`` for what is refused and how odd
-modes are converted. Shapes: B batch, T tokens, Q image tokens.
+Images are opened and checked by ``llmchat.images`` (what is refused, how odd modes are
+converted); this file keeps only their preprocessing and embedding. Shapes: B batch, T tokens,
+Q image tokens.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmchat.errors import ImageError, UnsupportedCheckpointError
+from llmchat.errors import UnsupportedCheckpointError
+from llmchat.generate import InvalidScoreGuard
+from llmchat.images import load_image
 from llmchat.models import chatglm
 from llmchat.models.base import TransformerChatModel
 from llmchat.models.blip2 import BLIP2, EvaConfig, QFormerConfig, preprocess
-from llmchat.models.chatglm import (  # noqa: F401 - re-exported module contract
-    INVALID_FALLBACK_ID,
+from llmchat.models.layers import check_values
+from llmchat.tokenizers.chatglm import (  # noqa: F401 - re-exported module contract
     ChatGLMTokenizer,
     holdback,
     load_tokenizer,
     postprocess,
     stop_ids,
 )
-from llmchat.models.layers import check_values
 from llmchat.types import Message, split_turns
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 SUPPORTS_SYSTEM = False
 # The visual branch's InvalidScoreLogitsProcessor checks nan only (REFERENCE §5.1), so the -inf
 # that min_length 100 puts on <eop> must not trip the guard (it would emit id 5 every step).
-INVALID_CHECK_INF = False
+INVALID_SCORES = InvalidScoreGuard(chatglm.INVALID_SCORES.fallback_id, check_inf=False)
 IMAGE_LENGTH = 32  # upstream's image_length: Q-Former queries = placeholder tokens
 PLACEHOLDER_ID = 0  # the tokenizer's unk id, as upstream's HF chat() (SAT uses pad 3)
 IMG_OPEN, IMG_CLOSE = "<img>", "</img>"
@@ -177,107 +175,6 @@ def encode_messages(
     tok: ChatGLMTokenizer, messages: Sequence[Message], image_length: int = IMAGE_LENGTH
 ) -> list[int]:
     return encode_with_image(tok, messages, image_length)[0]
-
-
-# -- images ------------------------------------------------------------------------------------
-MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: larger images are refused
-EXTENSIONS_HINT = "PNG, JPEG, GIF, BMP, WebP, TIFF"
-
-
-@dataclass
-class ImageInfo:
-    """What was opened, and any conversion applied on the way to RGB (shown to the user)."""
-
-    path: str
-    format: str
-    size: tuple[int, int]
-    mode: str
-    frames: int = 1
-    notes: list[str] = field(default_factory=list)
-
-
-def open_image(path: str | Path) -> tuple[Image.Image, ImageInfo]:
-    """Open a local image fully and convert it to RGB, or raise ``ImageError`` (one line).
-
-    Refused: URLs, missing files, directories, unreadable or non-image files, truncated or
-    corrupt data, and images over ``MAX_PIXELS``. Converted, like upstream's
-    ``Image.open(p).convert("RGB")``: palette, greyscale, CMYK (naive, no ICC profile) and
-    RGBA/LA (alpha dropped, not composited: what upstream feeds the model). Animated files use
-    their first frame, as upstream. Departure: 16/32-bit greyscale and float images are scaled
-    to 8 bits first, where upstream's conversion clips them to near-white. EXIF orientation is
-    not applied (upstream does not either).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    text = str(path)
-    if "://" in text:
-        raise ImageError(f"{text}: image URLs are not fetched; download it and pass the file path")
-    p = Path(text).expanduser()
-    if not p.exists():
-        raise ImageError(f"image not found: {text}")
-    if p.is_dir():
-        raise ImageError(f"{text} is a directory, not an image file")
-    if not p.is_file():
-        raise ImageError(f"{text} is not a regular file")
-    try:
-        with warnings.catch_warnings():  # over Pillow's warning size: our own limit speaks
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(p)
-    except UnidentifiedImageError:
-        raise ImageError(f"{text} is not an image Pillow can read ({EXTENSIONS_HINT}, …)") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{text}: image dimensions are too large (decompression-bomb guard)"
-                         ) from None
-    except OSError as exc:
-        raise ImageError(f"cannot read {text}: {exc.strerror or exc}") from None
-    with img:
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(
-                f"{text} is {w}x{h} pixels ({w * h / 1e6:.0f} MP), over the "
-                f"{MAX_PIXELS / 1e6:.0f} MP limit; scale it down first"
-            )
-        info = ImageInfo(text, img.format or "?", (w, h), img.mode,
-                         int(getattr(img, "n_frames", 1) or 1))
-        if info.frames > 1:
-            info.notes.append(f"animated ({info.frames} frames): using the first frame")
-        try:
-            img.seek(0)
-            img.load()
-            rgb = _to_rgb(img, info)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"{text} is truncated or corrupt ({exc})") from None
-    return rgb, info
-
-
-def _to_rgb(img: Image.Image, info: ImageInfo) -> Image.Image:
-    import numpy as np
-    from PIL import Image
-
-    mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        if mode == "F" and a.max(initial=0) <= 1.0:
-            top = 1.0
-        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        info.notes.append(f"{mode} greyscale scaled to 8 bits")
-        return Image.fromarray(a, "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        info.notes.append(f"{mode}: transparency dropped, as upstream")
-    elif mode == "CMYK":
-        info.notes.append("CMYK converted to RGB without a colour profile")
-    return img.convert("RGB")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as an RGB ``PIL.Image``; ``ImageError`` with one line if unusable."""
-    return open_image(path)[0]
-
-
-def check_image(path: str | Path) -> ImageInfo:
-    """Validate an image before it is attached; its ``notes`` say how it will be converted."""
-    return open_image(path)[1]
 
 
 # -- chat glue ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from llmchat.models import chatglm
 from llmchat.models.base import TransformerChatModel
 from llmchat.models.chatglm import Config, Model, build_prompt, holdback, postprocess
 from llmchat.tokenizer import StreamDecoder
+from llmchat.tokenizers import chatglm as glm_text
 from llmchat.types import Message
 from tests.checkpoints import REPO, shared, upstream_config
 from tests.ckpt_chatglm import chatglm_checkpoint
@@ -62,7 +63,7 @@ def conversation(*turns: str) -> list[Message]:
 
 
 @pytest.fixture(scope="module")
-def tok() -> chatglm.ChatGLMTokenizer:
+def tok() -> glm_text.ChatGLMTokenizer:
     return chatglm.load_tokenizer(shared("tokenizers/chatglm-6b"))
 
 
@@ -140,6 +141,21 @@ def test_matches_upstream_reference_tensors(use_embeds: bool) -> None:
         assert out.shape == want.shape
         torch.testing.assert_close(out, want, atol=5e-4, rtol=0)
         assert (out - want).abs().max() < 1e-5  # in practice it agrees to float32 rounding
+
+
+def test_positions_over_a_plain_kv_cache() -> None:
+    """A KVCache that is not the model's Cache (a training prefix cache) serves a prefill, as it
+    did before the position state was typed; a cached step over one is a clear error."""
+    from llmchat.cache import KVCache
+
+    cfg = GOLDEN_CFG
+    cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, 16)
+    ids = torch.tensor([[4, 3, 4, 1, 2]])
+    pos, block, _ = chatglm.glm_positions(ids, cfg, cache)
+    assert pos.tolist() == [[0, 1, 2, 3, 3]] and block.tolist() == [[0, 0, 0, 0, 1]]
+    cache.advance(5)
+    with pytest.raises(ValueError, match="need the model's Cache"):
+        chatglm.glm_positions(torch.tensor([[4]]), cfg, cache)
 
 
 def test_positions_and_mask_follow_upstream() -> None:
@@ -309,7 +325,7 @@ def test_checkpoint_keys_match_the_upstream_index() -> None:
 
 
 # -- (2) tokenizer --------------------------------------------------------------------------------
-def test_reference_token_ids(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_reference_token_ids(tok: glm_text.ChatGLMTokenizer) -> None:
     assert chatglm.encode_messages(tok, [user("你好")]) == [5, 74874, 130001, 130004]
     assert chatglm.encode_messages(tok, [user("def f():\n    return 1")]) == [
         1616,
@@ -339,7 +355,7 @@ def test_reference_token_ids(tok: chatglm.ChatGLMTokenizer) -> None:
         "tabs\t\tand spaces  \t mixed",
     ],
 )
-def test_tokenizer_round_trips(tok: chatglm.ChatGLMTokenizer, text: str) -> None:
+def test_tokenizer_round_trips(tok: glm_text.ChatGLMTokenizer, text: str) -> None:
     ids = tok.encode(text)
     assert max(ids) < 130344 and 3 not in ids
     assert tok.decode(ids) == text
@@ -347,7 +363,7 @@ def test_tokenizer_round_trips(tok: chatglm.ChatGLMTokenizer, text: str) -> None
     assert tok.decode([130001, 130004, *ids, 3, 130005, 130400]) == text
 
 
-def test_tokenizer_normalises_fullwidth_punctuation(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_tokenizer_normalises_fullwidth_punctuation(tok: glm_text.ChatGLMTokenizer) -> None:
     # NFKC inside the sp model: why process_response turns the marks back to full width
     assert tok.decode(tok.encode("你好，世界！")) == "你好,世界!"
     assert postprocess(tok.decode(tok.encode("你好，世界！"))) == "你好，世界！"
@@ -382,7 +398,7 @@ def test_template_golden_strings() -> None:
     )
 
 
-def test_encode_messages_appends_gmask_sop(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_encode_messages_appends_gmask_sop(tok: glm_text.ChatGLMTokenizer) -> None:
     msgs = conversation("你好", "你好!", "再见")
     ids = chatglm.encode_messages(tok, msgs)
     assert ids[-2:] == [130001, 130004] and 130001 not in ids[:-2]
@@ -410,7 +426,7 @@ def test_process_response_cases(raw: str, want: str) -> None:
 def charwise_process_response(text: str) -> str:
     """Independent statement of the rule: a mark turns full-width iff a neighbour is CJK."""
     text = text.strip().replace("[[训练时间]]", "2023年")
-    wide = dict(chatglm.PUNCT)
+    wide = dict(glm_text.PUNCT)
     cjk = [("\u4e00" <= c <= "\u9fff") for c in text]
     return "".join(
         wide[c]
@@ -435,7 +451,7 @@ PIECES = [*"中a,!:;? \n.'ntmsvre[年", "[[", "训练", "时间", "]]", "好,", 
 def stream(pieces: list[str], hold: bool = True) -> tuple[str, str]:
     """Stream ``pieces`` as tokens through the model's decode-side functions."""
     dec = StreamDecoder(
-        lambda ids: chatglm.clean_up_spaces("".join(pieces[i] for i in ids)),
+        lambda ids: glm_text.clean_up_spaces("".join(pieces[i] for i in ids)),
         postprocess,
         holdback if hold else (lambda text: 0),
     )
@@ -464,13 +480,13 @@ def test_streaming_holdback_makes_deltas_equal_the_final_reply() -> None:
     assert holdback("It '") == 2 and holdback("do n") == 2 and holdback("done") == 0
 
 
-def test_decode_applies_transformers_clean_up(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_decode_applies_transformers_clean_up(tok: glm_text.ChatGLMTokenizer) -> None:
     ids = tok.encode("Hello , world . It ' s a test ! Is n't it ?")
     assert tok.decode(ids) == "Hello, world. It's a test! Isn't it?"
-    assert chatglm.clean_up_spaces("x  .") == "x ."  # one pass, as str.replace
+    assert glm_text.clean_up_spaces("x  .") == "x ."  # one pass, as str.replace
 
 
-def test_streaming_with_the_real_tokenizer(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_streaming_with_the_real_tokenizer(tok: glm_text.ChatGLMTokenizer) -> None:
     text = "你好👋!我是人工智能助手 ChatGLM-6B,很高兴见到你:\n\tdef f():  return [[训练时间]]?好"
     ids = tok.encode(text)
     dec = StreamDecoder(tok.decode, postprocess, holdback)

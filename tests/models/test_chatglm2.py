@@ -11,6 +11,7 @@ import torch
 from llmchat.cache import KVCache
 from llmchat.models import chatglm2
 from llmchat.tokenizer import StreamDecoder
+from llmchat.tokenizers import chatglm2 as glm2_text
 from llmchat.types import Message
 from tests.checkpoints import build_state_dict, chatglm2_config, shared
 
@@ -178,11 +179,11 @@ def test_config_from_upstream_json_and_unsupported_settings() -> None:
 
 # -- tokenizer and template -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tok() -> chatglm2.ChatGLM2Tokenizer:
+def tok() -> glm2_text.ChatGLM2Tokenizer:
     return chatglm2.load_tokenizer(shared("tokenizers/chatglm2-6b"))
 
 
-def test_reference_token_ids(tok: chatglm2.ChatGLM2Tokenizer) -> None:
+def test_reference_token_ids(tok: glm2_text.ChatGLM2Tokenizer) -> None:
     ids = chatglm2.encode_messages(tok, [Message("user", "你好")])
     assert ids == [
         64790,
@@ -216,11 +217,11 @@ def test_reference_token_ids(tok: chatglm2.ChatGLM2Tokenizer) -> None:
         "混合 English 和 中文 123",
     ],
 )
-def test_tokenizer_round_trip(tok: chatglm2.ChatGLM2Tokenizer, text: str) -> None:
+def test_tokenizer_round_trip(tok: glm2_text.ChatGLM2Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_decode_drops_special_ids(tok: chatglm2.ChatGLM2Tokenizer) -> None:
+def test_decode_drops_special_ids(tok: glm2_text.ChatGLM2Tokenizer) -> None:
     ids = tok.encode("你好")
     assert tok.decode([tok.gmask_id, tok.sop_id, *ids, tok.eos_id]) == "你好"
 
@@ -248,7 +249,7 @@ def test_postprocess_and_holdback() -> None:
     assert chatglm2.holdback("完成[[训练时间]]") == 0
 
 
-def test_stream_decoder_never_emits_replacement_chars(tok: chatglm2.ChatGLM2Tokenizer) -> None:
+def test_stream_decoder_never_emits_replacement_chars(tok: glm2_text.ChatGLM2Tokenizer) -> None:
     text = "我训练于[[训练时间]]，🎉 emoji 和中文 ok"
     ids = tok.encode(text)
     dec = StreamDecoder(tok.decode, chatglm2.postprocess, chatglm2.holdback)

@@ -18,8 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from llmchat import images
 from llmchat.errors import ImageError, UnsupportedCheckpointError
 from llmchat.models import blip2, chatglm, visualglm
+from llmchat.tokenizers import chatglm as glm_text
 from llmchat.types import GenerationConfig, Message
 from tests.checkpoints import REPO, shared, upstream_config
 from tests.ckpt_visualglm import visualglm_checkpoint, visualglm_config
@@ -51,7 +53,7 @@ def vg(vg_dir: Path) -> visualglm.VisualGLMChatModel:
 
 
 @pytest.fixture(scope="module")
-def tok() -> chatglm.ChatGLMTokenizer:
+def tok() -> glm_text.ChatGLMTokenizer:
     return chatglm.load_tokenizer(shared("tokenizers/chatglm-6b"))
 
 
@@ -62,7 +64,7 @@ def noise_image(path: Path, size: tuple[int, int] = (60, 40), seed: int = 0) -> 
 
 
 # -- prompt --------------------------------------------------------------------------------------
-def test_prompt_ids_match_reference_vectors(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_prompt_ids_match_reference_vectors(tok: glm_text.ChatGLMTokenizer) -> None:
     msgs = [Message("user", "描述这张图片。", "pic.png")]
     ids, start = visualglm.encode_with_image(tok, msgs)
     # REFERENCE.md §6: encode("<img>") + 32 x unk + encode("</img>问：…答：") + [gMASK, sop]
@@ -72,7 +74,7 @@ def test_prompt_ids_match_reference_vectors(tok: chatglm.ChatGLMTokenizer) -> No
     assert visualglm.encode_messages(tok, msgs) == ids
 
 
-def test_prompt_text_multi_turn_and_fallback(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_prompt_text_multi_turn_and_fallback(tok: glm_text.ChatGLMTokenizer) -> None:
     turns = [Message("user", "q1", "a.png"), Message("assistant", "r1"), Message("user", "q2")]
     assert visualglm.build_prompt(turns) == "<img></img>问：q1\n答：r1\n问：q2\n答："
     text_only = [Message("user", "q1"), Message("assistant", "r1"), Message("user", "q2")]
@@ -91,7 +93,7 @@ def test_conversation_image_is_the_latest_and_keeps_history() -> None:
     assert visualglm.conversation_image([Message("user", "q")]) is None
 
 
-def test_user_text_never_moves_the_image_slot(tok: chatglm.ChatGLMTokenizer) -> None:
+def test_user_text_never_moves_the_image_slot(tok: glm_text.ChatGLMTokenizer) -> None:
     msgs = [Message("user", "what is <img>x.png</img>?", "a.png")]
     ids, start = visualglm.encode_with_image(tok, msgs)
     assert start == 3 and ids[3:35] == [0] * 32 and 0 not in ids[35:]
@@ -443,38 +445,38 @@ def truncated(path: Path, fmt: str) -> Path:
 def test_bad_images_get_one_clear_line(tmp_path: Path, make, match) -> None:  # type: ignore[no-untyped-def]
     path = make(tmp_path)
     with pytest.raises(ImageError, match=match) as info:
-        visualglm.check_image(path)
+        images.check_image(path)
     assert "\n" not in str(info.value)
 
 
 def test_animated_gif_uses_the_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
-    info = visualglm.check_image(tmp_path / "a.gif")
+    info = images.check_image(tmp_path / "a.gif")
     assert info.frames == 3 and any("first frame" in n for n in info.notes)
-    assert visualglm.load_image(tmp_path / "a.gif").getpixel((8, 8)) == (255, 0, 0)
+    assert images.load_image(tmp_path / "a.gif").getpixel((8, 8)) == (255, 0, 0)
 
 
 def test_mode_conversions_are_documented_and_as_upstream(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    img, info = visualglm.open_image(tmp_path / "rgba.png")
+    img, info = images.open_image(tmp_path / "rgba.png")
     assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgba[..., :3])  # alpha dropped
     assert any("transparency" in n for n in info.notes)
 
     Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
-    img, info = visualglm.open_image(tmp_path / "cmyk.jpg")
+    img, info = images.open_image(tmp_path / "cmyk.jpg")
     assert img.mode == "RGB" and any("CMYK" in n for n in info.notes)
     assert img.getpixel((4, 4))[1] < 30 and img.getpixel((4, 4))[0] > 200  # magenta-ish
 
     for mode in ("L", "P", "1", "LA"):
         Image.new(mode, (8, 8)).save(tmp_path / f"m{mode}.png")
-        assert visualglm.load_image(tmp_path / f"m{mode}.png").mode == "RGB"
+        assert images.load_image(tmp_path / f"m{mode}.png").mode == "RGB"
 
     grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     Image.fromarray(grey16).save(tmp_path / "g16.png")
-    img, info = visualglm.open_image(tmp_path / "g16.png")
+    img, info = images.open_image(tmp_path / "g16.png")
     got = np.asarray(img)[..., 0].astype(int)
     np.testing.assert_allclose(got, np.rint(grey16 / 257.0), atol=1)  # scaled, not clipped
     assert any("8 bits" in n for n in info.notes)
