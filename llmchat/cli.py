@@ -739,7 +739,7 @@ def logs_cmd(
     cid: Annotated[str | None, typer.Option("--cid", help="One conversation")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Show and search the conversation log (every finished turn of chat and ask)."""
+    """Show and search the conversation log (each finished turn of ask, chat, image, serve)."""
 
     def run() -> None:
         from llmchat import logs
