@@ -640,6 +640,11 @@ def serve(
         typer.Option(metavar="DIR", help="VisualGLM: also accept file:// URLs / absolute paths "
                      "of images inside DIR (default: data: URIs only)"),
     ] = None,
+    kv_slots: Annotated[
+        int, typer.Option(min=1, max=64, help="Conversations whose KV cache is kept for reuse "
+                          "(each holds its prompt's keys/values; on CUDA they yield to a new one "
+                          "when memory runs out)")
+    ] = 4,
     no_log: NoLogOpt = False,
     opts: RunOptions,
 ) -> None:
@@ -652,6 +657,10 @@ def serve(
     if allow_local_images is not None:
         check_image_dir(allow_local_images)
     model = load_model(opts, default_model="chatglm2-6b")
+    from llmchat.models.base import TransformerChatModel
+
+    if isinstance(model, TransformerChatModel):
+        model.kv_slots = kv_slots
     run_server(model, config=opts.config(model), host=host, port=port, api_key=api_key or None,
                max_queue=max_queue, allow_local_images=allow_local_images,
                conversation_log=not no_log,

@@ -62,3 +62,34 @@ def test_qwen_reuses_only_while_the_ntk_factor_holds(tmp_path: Path) -> None:
     conv.send("hi").consume()
     long = conv.send("长" * (2 * seq)).consume()  # past seq_length: a new NTK alpha
     assert long.stats.cached_tokens == 0
+
+
+def interleaved(path: Path, slots: int, reuse: bool = True) -> tuple[list[str], list[int]]:
+    """Three conversations taking turns (A1 B1 C1 A2 B2 C2 A3 ...), one model, ``slots`` caches."""
+    model = load(model_path=path, device="cpu", dtype="float32")
+    model.kv_reuse = reuse
+    model.kv_slots = slots
+    config = model.defaults.with_(temperature=0, max_new_tokens=6)
+    convs = [Conversation(model, config) for _ in range(3)]
+    replies, cached = [], []
+    for q in QUESTIONS[:3]:
+        for i, conv in enumerate(convs):
+            r = conv.send(f"{q} {i}").consume()
+            replies.append(r.text)
+            cached.append(r.stats.cached_tokens)
+    return replies, cached
+
+
+def test_several_slots_serve_interleaved_conversations(tmp_path: Path) -> None:
+    path = chatglm2_checkpoint(tmp_path / "glm2")
+    fresh, none = interleaved(path, slots=3, reuse=False)
+    three, cached3 = interleaved(path, slots=3)
+    one, cached1 = interleaved(path, slots=1)
+    two, cached2 = interleaved(path, slots=2)
+    assert three == one == two == fresh and not any(none)
+    # three slots: each conversation's follow-up finds its own cache
+    assert cached3[:3] == [0, 0, 0] and all(c > 20 for c in cached3[3:])
+    # one slot: a follow-up shares only the template's first tokens with the cache's conversation
+    assert all(c < 20 for c in cached1) and any(cached1)
+    # two slots, three conversations in turn: the one needed next was always just evicted (LRU)
+    assert not any(cached2)

@@ -199,6 +199,11 @@ class TransformerChatModel(ChatModel):
         # Token ids whose keys/values sit in the cache's first slots (causal prompts only).
         self._kv_ids: list[int] = []
         self.kv_reuse = self.arch.causal_prompt and os.environ.get("LLMCHAT_KV_REUSE", "1") != "0"
+        # ``kv_slots`` caches are kept (the server's several conversations); the active one is
+        # ``_cache``/``_kv_ids``/``_decoder``, the others wait here, most recently used first.
+        self.kv_slots = 1
+        self._kv_prompt = 0  # the length of the prompt that filled the active cache
+        self._parked: list[tuple[KVCache, list[int], int, StaticDecoder | None]] = []
         self.prefix: Any = None  # llmchat.ptuning.Prefix, in the cache dtype, or None
 
     def set_prefix(self, directory: str | None) -> None:
@@ -206,7 +211,7 @@ class TransformerChatModel(ChatModel):
         if directory is None:
             self.prefix = None
             self.info.extra.pop("prefix", None)
-            self._kv_ids = []  # the cache holds keys/values computed next to the old prefix
+            self._forget()  # the caches hold keys/values computed next to the old prefix
             return
         from llmchat.ptuning import load_prefix
 
@@ -215,7 +220,12 @@ class TransformerChatModel(ChatModel):
     def use_prefix(self, prefix: Any) -> None:
         self.prefix = prefix.to(self.cache_dtype, self.device)  # upstream casts it likewise
         self.info.extra["prefix"] = f"{prefix.name} (P-tuning v2, {prefix.pre_seq_len} tokens)"
+        self._forget()
+
+    def _forget(self) -> None:
+        """No cached keys/values may be reused (the prefix changed)."""
         self._kv_ids = []
+        self._parked.clear()
 
     # -- prompt ---------------------------------------------------------------------------
     def check_messages(self, messages: Sequence[Message]) -> None:
@@ -257,11 +267,8 @@ class TransformerChatModel(ChatModel):
         p = self.prefix.pre_seq_len if self.prefix is not None else 0
         total += p  # the prefix takes the first cache slots (positions do not count it)
         start = min(total, -(-(prompt + p + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
-        cache, kept = self._cache, 0
-        if cache is not None and reuse and self.kv_reuse and self._kv_ids:
-            kept = common_prefix(self._kv_ids, ids, limit=prompt - 1)
-            if kept and not cache.reusable(prompt):
-                kept = 0
+        kept = self._pick_slot(ids) if reuse and self.kv_reuse else 0
+        cache = self._cache
         if kept:
             cache.offset = cache.prefix_len + kept
             cache.limit = max(total, cache.max_len)
@@ -269,8 +276,14 @@ class TransformerChatModel(ChatModel):
         if cache is None or cache.max_len < start:
             self._decoder = None  # it holds the old buffers (and a graph over them)
             self._cache = None  # free the old buffers before allocating the new ones
-            cache = self._cache = self.model.make_cache(start, dtype=self.cache_dtype,
-                                                        device=self.device)
+            try:
+                cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
+            except torch.cuda.OutOfMemoryError:
+                if not self._parked:
+                    raise
+                self._parked.clear()  # the waiting conversations give their memory back
+                cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
+            self._cache = cache
         cache.limit = max(total, cache.max_len)
         if self.prefix is not None:
             cache.set_prefix(self.prefix.k, self.prefix.v)
@@ -278,6 +291,32 @@ class TransformerChatModel(ChatModel):
             cache.set_prefix(None, None)
         cache.reset()
         return cache, 0
+
+    def _pick_slot(self, ids: list[int]) -> int:
+        """Make the kept cache sharing the longest prefix with ``ids`` the active one and return
+        how many prompt tokens it holds; with none, park the active cache (up to ``kv_slots``,
+        dropping the least recently used) so that a new conversation gets fresh buffers. With
+        several slots a cache is taken over only by its own conversation's follow-up (holding
+        the prompt that filled it, but for the last two tokens, whose re-tokenization next to
+        the reply may differ), not by another one that shares just the template."""
+        slots = [(self._cache, self._kv_ids, self._kv_prompt, self._decoder), *self._parked]
+        best, kept = 0, 0
+        for i, (cache, kv_ids, prompt_len, _) in enumerate(slots):
+            if cache is None or not kv_ids:
+                continue
+            n = common_prefix(kv_ids, ids, limit=len(ids) - 1)
+            if self.kv_slots > 1 and n < min(prompt_len, len(ids)) - 2:
+                continue
+            if n > kept and cache.reusable(len(ids)):
+                best, kept = i, n
+        if not kept and self.kv_slots > 1 and self._cache is not None and self._kv_ids:
+            best = len(slots)  # a new conversation: keep the active one waiting
+            slots.append((None, [], 0, None))
+        if best:
+            chosen = slots.pop(best)
+            self._parked = [s for s in slots if s[0] is not None][: self.kv_slots - 1]
+            self._cache, self._kv_ids, self._kv_prompt, self._decoder = chosen
+        return kept
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
         """On CUDA, the captured one-token step for this cache (reused across replies while the
@@ -307,8 +346,10 @@ class TransformerChatModel(ChatModel):
                 yield token
         except GeneratorExit:
             self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
+            self._kv_prompt = len(ids)
             raise
         self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
+        self._kv_prompt = len(ids)
 
     def prefill_fn(self, messages: Sequence[Message]) -> Any:
         """Hook for the first forward (VisualGLM splices image embeddings here)."""
