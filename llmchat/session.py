@@ -55,9 +55,15 @@ def attach_log(opts: RunOptions, model: ChatModel, conv: Conversation) -> None:
                                "quant": opts.quant}},
     )
 
+    defaults = model.defaults.to_dict()
+
     def log(c: Conversation, question: Any, reply: Reply) -> None:
-        # the P-tuning prefix active for this turn (/prefix may switch it mid-chat)
-        settings = {**c.config.to_dict(), "ptuning_prefix": model.info.extra.get("prefix")}
+        # the P-tuning prefix active for this turn (/prefix may switch it mid-chat), and the
+        # settings changed from the model's defaults (flags or /set), which -c carries on
+        config = c.config.to_dict()
+        changed = {k: v for k, v in config.items() if defaults.get(k) != v}
+        settings = {**config, "ptuning_prefix": model.info.extra.get("prefix"),
+                    "changed_settings": changed}
         logger.log(c.id, question.content, c.system, reply.text, reply.stats, settings,
                    image=question.image)
 
@@ -69,10 +75,11 @@ def resume(opts: RunOptions, cont: bool, cid: str | None) -> None:
     flags override them, and keep its turns for the new Conversation."""
     if not cont and not cid:
         return
+    from dataclasses import fields
     from pathlib import Path
 
     from llmchat import logs
-    from llmchat.types import Message
+    from llmchat.types import GenerationConfig, Message
 
     try:
         db = logs.open_existing()
@@ -102,6 +109,10 @@ def resume(opts: RunOptions, cont: bool, cid: str | None) -> None:
             setattr(opts, key, str(req[key]))
     if opts.system is None and saved.get("system") is not None:
         opts.system = saved["system"]
+    changed = saved.get("changed_settings")  # the last turn's; flags given now win
+    if isinstance(changed, dict):
+        known = {f.name for f in fields(GenerationConfig)}
+        opts.settings = {**{k: v for k, v in changed.items() if k in known}, **opts.settings}
     opts.cid = row["id"]
     history = []
     for t in logs.turns(db, row["id"]):

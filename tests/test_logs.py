@@ -173,3 +173,19 @@ def test_an_empty_log_says_so_on_stderr_only() -> None:
         assert res.returncode == 0, res.stderr
         assert res.stdout == "" and "No " in res.stderr and str(logs.db_path()) in res.stderr
     assert run_cli(["logs", "--json"]).stdout.strip() == "[]"
+
+
+def test_continue_keeps_the_settings_of_the_conversation(glm2_dir: Path) -> None:
+    qs = ["你好", "然后呢"]
+    one = run_cli(["chat", "-p", str(glm2_dir), *CPU, *GREEDY, "--no-log"], "\n".join(qs) + "\n")
+    assert one.returncode == 0, one.stderr
+    a = run_cli(["ask", "-p", str(glm2_dir), *CPU, *GREEDY, qs[0]])
+    b = run_cli(["ask", "-c", qs[1]])  # no flags: greedy and 8 new tokens carry on
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout + b.stdout == one.stdout
+    rows = json.loads(run_cli(["logs", "-n", "5", "--json"]).stdout)
+    assert [r["options"]["max_new_tokens"] for r in rows] == [8, 8]
+    # a flag given with -c wins over the carried setting
+    c = run_cli(["ask", "-c", "--max-new-tokens", "2", "--json", "再说一遍"])
+    assert c.returncode == 0, c.stderr
+    assert json.loads(c.stdout)["completion_tokens"] <= 2
