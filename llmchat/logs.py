@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,8 +89,7 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        migrate(db)
+        setup(db)
         return db
     except sqlite3.DatabaseError as exc:
         raise LogError(
@@ -99,6 +99,27 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     except OSError as exc:
         raise LogError(f"cannot open {path} ({exc.strerror or exc}); logging is off for this "
                        "run") from None
+
+
+def setup(db: sqlite3.Connection) -> None:
+    """WAL mode and the schema. Two processes creating the file at once can get "database is
+    locked" here without SQLite's busy handler ever waiting (switching the journal mode takes
+    an exclusive lock), so this step retries on its own for up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.01
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            migrate(db)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def migrate(db: sqlite3.Connection) -> None:
