@@ -45,6 +45,27 @@ class PrefixEncoder(nn.Module):
         return self.trans(x) if self.projection else x
 
 
+@dataclass(frozen=True)
+class Dims:
+    glm2: bool
+    layers: int
+    kv_heads: int  # ChatGLM-6B: all heads; ChatGLM2: the multi-query groups
+    head_dim: int
+    hidden: int
+
+    @property
+    def kv_size(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+
+def dims_of(module_name: str, cfg: Any) -> Dims:
+    """The prefix dimensions of a ChatGLM-6B or ChatGLM2-6B base config."""
+    glm2 = module_name.endswith("chatglm2")
+    if glm2:
+        return Dims(True, cfg.num_layers, cfg.num_kv_groups, cfg.kv_channels, cfg.hidden_size)
+    return Dims(False, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+
+
 def prefix_kv(encoder: PrefixEncoder, num_layers: int, groups: int, head_dim: int
               ) -> tuple[Tensor, Tensor]:
     """Keys and values of the prefix, each (layers, heads_or_groups, P, D), in fp32.
@@ -123,12 +144,8 @@ def load_prefix(directory: str | Path, module_name: str, model_cfg: Any) -> Pref
         raise UnsupportedCheckpointError(
             f"P-tuning prefixes are supported for ChatGLM-6B and ChatGLM2-6B only, not {fam}")
     enc, cfg = read_checkpoint(d)
-    glm2 = module_name.endswith("chatglm2")
-    layers = model_cfg.num_layers
-    groups = model_cfg.num_kv_groups if glm2 else model_cfg.num_heads
-    head_dim = model_cfg.kv_channels if glm2 else model_cfg.head_dim
-    hidden = model_cfg.hidden_size
-    kv_size = layers * 2 * groups * head_dim
+    dims = dims_of(module_name, model_cfg)
+    glm2, layers, hidden, kv_size = dims.glm2, dims.layers, dims.hidden, dims.kv_size
     emb = enc.get("embedding.weight")
     if emb is None or emb.dim() != 2:
         raise CheckpointError(f"P-tuning checkpoint {d}: no 2-D prefix_encoder.embedding.weight")
@@ -165,7 +182,7 @@ def load_prefix(directory: str | Path, module_name: str, model_cfg: Any) -> Pref
                 f"{base} base ({getattr(model_cfg, k)})")
     encoder = PrefixEncoder(p, kv_size, hidden, projection)
     encoder.load_state_dict({k: v.float() for k, v in enc.items()}, strict=True)
-    k, v = prefix_kv(encoder, layers, groups, head_dim)
+    k, v = prefix_kv(encoder, layers, dims.kv_heads, dims.head_dim)
     return Prefix(str(d), p, projection, k, v)
 
 

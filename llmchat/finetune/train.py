@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from llmchat.cache import KVCache
 from llmchat.errors import CheckpointError, QuantizationError, UsageError
 from llmchat.finetune.data import Features
-from llmchat.ptuning import KEY, PrefixEncoder
+from llmchat.ptuning import KEY, Dims, PrefixEncoder, dims_of  # noqa: F401 - dims_of re-exported
 
 PREFIX_DROPOUT = 0.1  # upstream ``self.dropout = torch.nn.Dropout(0.1)`` on the prefix
 WEIGHTS = "pytorch_model.bin"
@@ -50,26 +50,6 @@ STATE = "trainer_state.json"
 
 
 # -- the model side ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dims:
-    glm2: bool
-    layers: int
-    kv_heads: int  # ChatGLM-6B: all heads; ChatGLM2: the multi-query groups
-    head_dim: int
-    hidden: int
-
-    @property
-    def kv_size(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim
-
-
-def dims_of(module_name: str, cfg: Any) -> Dims:
-    glm2 = module_name.endswith("chatglm2")
-    if glm2:
-        return Dims(True, cfg.num_layers, cfg.num_kv_groups, cfg.kv_channels, cfg.hidden_size)
-    return Dims(False, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.hidden_size)
-
-
 def new_encoder(d: Dims, pre_seq_len: int, projection: bool, seed: int) -> PrefixEncoder:
     """Upstream's init: torch's defaults (embedding N(0, 1)), drawn from ``seed``."""
     with torch.random.fork_rng(devices=[]):
