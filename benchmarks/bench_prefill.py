@@ -6,10 +6,12 @@ along each path that llmchat could take:
 
 * bf16 weights: ``bf16`` (torch's bf16 matmul as is) | ``bf16>fp32`` (the weight upcast to
   fp32 into a reused buffer, then fp32 matmul; output rounded to bf16) | ``fp32`` (fp32 weights:
-  twice the memory, the reference speed);
+  twice the memory, the reference speed) | ``bf16 packed`` / ``fp32 packed`` (the weight
+  reordered once for oneDNN, ``llmchat.cpu_linear``'s ``packed`` path);
 * int8 / int4 weights (upstream layout, per-row scale): ``kernel`` (torch's weight-only kernel
-  with bf16 activations, as llmchat runs it) | ``>bf16`` (dequantize to bf16, bf16 matmul) |
-  ``>fp32`` (dequantize to fp32 into a reused buffer, fp32 matmul).
+  with bf16 activations) | ``>bf16`` (dequantize to bf16, bf16 matmul) | ``>fp32`` (dequantize
+  to fp32 into a reused buffer, fp32 matmul) | ``ints>bf16 gemm`` (llmchat's ``integer_gemm``:
+  the integers cast exactly to bf16 block by block, bf16 GEMM, row scale after).
 
 Paths alternate within each round (rotating order), medians over ``--rounds``; ratios are to
 the first path of each format (what torch does without help). Also prints what decides the
@@ -25,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmchat.quant import quantize_weight, unpack_int4  # noqa: E402
+from llmchat.cpu_linear import PACK_BATCH  # noqa: E402
+from llmchat.quant import QuantizedLinear, quantize_weight, select_backend, unpack_int4  # noqa: E402
 
 SHAPES = ((4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096))  # (in, out) per layer
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -67,6 +71,11 @@ class Layer:
         self.buf_bf16 = torch.empty(self.buf.numel(), dtype=torch.bfloat16)
         self.ones = {n: torch.ones(n, dtype=torch.bfloat16) for _, n in SHAPES}
         self.group = {k: next(g for g in (256, 128, 64, 32) if k % g == 0) for k, _ in SHAPES}
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH) for w in self.wbf]
+        self.packed32 = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
+                         for w in self.w32]
+        # llmchat's own int8/int4 layers, forced onto integer_gemm for every row count
+        self.exact = {bits: [_quantized(w, bits) for w in self.wbf] for bits in (8, 4)}
         self.tables = {}
         for k, n in SHAPES:
             t = torch.zeros(k // self.group[k], n, 2, dtype=torch.bfloat16)
@@ -90,6 +99,19 @@ class Layer:
 
     def fp32(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.w32[i]).bfloat16()
+
+    def bf16_packed(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[i], None, "none", [], "")
+
+    def fp32_packed(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed32[i], None, "none", [], "")
+        return y.bfloat16()
+
+    def int8_exact(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.exact[8][i](x)
+
+    def int4_exact(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.exact[4][i](x)
 
     def int8_kernel(self, i: int, x: torch.Tensor) -> torch.Tensor:
         q, s = self.q8[i]
@@ -130,6 +152,16 @@ class Layer:
         return F.linear(x.float(), self.dequant4(i)).bfloat16()
 
 
+def _quantized(w: torch.Tensor, bits: int) -> QuantizedLinear:
+    n, k = w.shape
+    be = select_backend(bits, k, n, torch.device("cpu"), torch.bfloat16)
+    mod = QuantizedLinear(k, n, False, bits, prequantized=False, dtype=torch.bfloat16,
+                          device=torch.device("cpu"), backend=replace(be, prompt_rows=1))
+    mod.load_checkpoint_tensor("weight", w, dtype=torch.bfloat16, device=torch.device("cpu"),
+                               key="weight")
+    return mod
+
+
 def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
     """Upstream packed int4 -> the CPU kernel's layout (nibble + 8, unit scales)."""
     vals = unpack_int4(q).to(torch.int32) + 8
@@ -137,13 +169,16 @@ def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
 
 
 FORMATS = {
-    "bf16": ("bf16", "bf16_fp32", "fp32"),
-    "int8": ("int8_kernel", "int8_bf16", "int8_fp32"),
-    "int4": ("int4_kernel", "int4_bf16", "int4_fp32"),
+    "bf16": ("bf16", "bf16_fp32", "fp32", "bf16_packed", "fp32_packed"),
+    "int8": ("int8_kernel", "int8_bf16", "int8_fp32", "int8_exact"),
+    "int4": ("int4_kernel", "int4_bf16", "int4_fp32", "int4_exact"),
 }
 LABEL = {"bf16": "bf16", "bf16_fp32": "bf16>fp32", "fp32": "fp32 weights",
+         "bf16_packed": "bf16 packed", "fp32_packed": "fp32 packed",
          "int8_kernel": "kernel", "int8_bf16": ">bf16", "int8_fp32": ">fp32",
-         "int4_kernel": "kernel", "int4_bf16": ">bf16", "int4_fp32": ">fp32"}
+         "int8_exact": "ints>bf16 gemm",
+         "int4_kernel": "kernel", "int4_bf16": ">bf16", "int4_fp32": ">fp32",
+         "int4_exact": "ints>bf16 gemm"}
 
 
 @torch.inference_mode()

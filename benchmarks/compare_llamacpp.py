@@ -235,7 +235,7 @@ def worker(args: argparse.Namespace) -> None:
         cache = net.make_cache(ctx, dtype=dtype, device="cpu")
         info = {"path": f"llmchat {chat.info.dtype}"
                 + "".join(f", {k} {v}" for k, v in chat.info.extra.items()
-                          if k in ("quant_backend", "prefill_path", "threads"))}
+                          if k in ("quant_backend", "cpu_linear", "threads"))}
         x = torch.tensor([ids])
 
         @torch.inference_mode()

@@ -136,7 +136,7 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         tensors = random_tensors(module, cfg, dtype=tdtype, device=dev)
         model, summary = build_model_and_summary(module, cfg, tensors, bits=bits,
                                                  checkpoint_bits=0, dtype=tdtype, device=dev)
-        name, extra = spec.name, summary.extra()
+        name, extra = spec.name, {**summary.extra(), **getattr(model, "cpu_linear_extra", {})}
     else:
         from llmchat.loader import load
 

@@ -389,8 +389,8 @@ def load_model(opts: RunOptions, *, default_model: str | None = None) -> ChatMod
             err_console().print(f"[dim]prefix: {escape(str(i.extra['prefix']))}[/]")
         if "quant_cache" in i.extra:  # which path --quant took (llmchat.quant.cache)
             err_console().print(f"[dim]{escape(visible(str(i.extra['quant_cache'])))}[/]")
-        if "prefill_path" in i.extra:
-            err_console().print(f"[dim]prefill: {escape(str(i.extra['prefill_path']))}[/]")
+        if "cpu_linear" in i.extra:
+            err_console().print(f"[dim]CPU linears: {escape(str(i.extra['cpu_linear']))}[/]")
     return model
 
 

@@ -445,10 +445,12 @@ def build_model_and_summary(
     total_bytes: int = 0,
     progress: Progress | None = None,
     sink: Callable[[str, torch.Tensor, bool], None] | None = None,
+    training: bool = False,
 ) -> tuple[nn.Module, QuantSummary]:
     """Build ``module.Model(cfg)`` on the meta device, swap in quantized linears, then fill it
     from ``tensors`` (a checkpoint stream, or random tensors for benchmarks). Returns the model
-    and what quantization did."""
+    and what quantization did. ``training``: gradients will flow through the model (P-tuning),
+    so its CPU weights are not packed for oneDNN (``llmchat.cpu_linear``)."""
     with torch.device("meta"):
         net = module.Model(cfg)
     summary = QuantSummary()
@@ -462,9 +464,9 @@ def build_model_and_summary(
             device=device,
             skip=contract(module).quant_skip,
         )
-    from llmchat.prefill import prepare_prefill
+    from llmchat.cpu_linear import finish_cpu_linears, prepare_cpu_linears
 
-    prepare_prefill(net, module.QUANT_LINEARS, device, dtype)  # CPU bf16: fp32 prompts
+    prepare_cpu_linears(net, device, dtype, training=training)  # CPU: oneDNN-packed, fp32 prompts
     load_weights(
         net,
         tensors,
@@ -475,6 +477,7 @@ def build_model_and_summary(
         progress=progress,
         sink=sink,
     )
+    finish_cpu_linears(net)
     return net.eval(), summary
 
 
@@ -494,6 +497,7 @@ def load(
     ptuning: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     quant_cache: bool | None = None,
+    training: bool = False,
 ) -> ChatModel:
     """Load a preset (``chatglm2``) or a checkpoint directory into a ``ChatModel``.
 
@@ -501,6 +505,7 @@ def load(
     ``llmchat.threads``), set before anything runs and reported as ``info.extra["threads"]``.
     ``quant_cache``: keep (and reuse) the result of quantizing a float checkpoint on the fly
     (``llmchat.quant.cache``; default: on unless ``LLMCHAT_QUANT_CACHE=0``).
+    ``training``: the model will be trained through (see ``build_model_and_summary``).
     """
     t0 = time.perf_counter()
     bits = parse_quant(quant)
@@ -544,6 +549,7 @@ def load(
             progress=progress,
             total_bytes=sum(f.stat().st_size for f in weights),
             sink=sink,
+            training=training,
         )
 
     if bits != 16 and not ckpt_bits:  # quantized on the fly: through the cache
@@ -561,7 +567,7 @@ def load(
         peak_rss_bytes=peak_rss_bytes(),
     )
     info.extra.update(summary.extra())  # quant backend, named by --verbose
-    info.extra.update(getattr(net, "prefill_extra", {}))  # CPU bf16 prompt path, likewise
+    info.extra.update(getattr(net, "cpu_linear_extra", {}))  # CPU matmul path, likewise
     info.extra["threads"] = n_threads
     if cache_note:
         info.extra["quant_cache"] = cache_note

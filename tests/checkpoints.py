@@ -170,3 +170,9 @@ def chatglm2_checkpoint(
         fmt=fmt,
         tokenizer_files=(tok / "tokenizer.model", tok / "tokenizer_config.json"),
     )
+
+
+def dense_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``named_buffers`` with oneDNN-packed weights (``llmchat.cpu_linear``) read back as plain
+    tensors, for comparing two loaded models."""
+    return {n: t.to_dense() if t.is_mkldnn else t for n, t in model.named_buffers()}

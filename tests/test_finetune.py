@@ -222,7 +222,7 @@ def test_loss_equals_an_independent_computation_and_only_the_prefix_gets_gradien
     from llmchat.finetune.train import collate, dims_of, new_encoder, prefix_loss
     from llmchat.loader import load
 
-    chat = load(model_path=bases[family], device="cpu", dtype="float32")
+    chat = load(model_path=bases[family], device="cpu", dtype="float32", training=True)
     chat.model.requires_grad_(False)
     d = dims_of(chat.module.__name__, chat.model.config)
     rows = [train_features(Example(q, a, None, 1), chat.tokenizer, d.glm2, source_prefix="",
@@ -424,8 +424,8 @@ def test_prefix_gradients_through_a_quantized_base(bases, family, bits) -> None:
     from llmchat.loader import load
     from llmchat.quant import QuantizedLinear
 
-    q = load(model_path=bases[family], device="cpu", dtype="float32", quant=bits)
-    f = load(model_path=bases[family], device="cpu", dtype="float32")
+    q = load(model_path=bases[family], device="cpu", dtype="float32", quant=bits, training=True)
+    f = load(model_path=bases[family], device="cpu", dtype="float32", training=True)
     for m in (q, f):
         m.model.requires_grad_(False)
     check_backward(q.model)  # no QuantizationError: the backward exists

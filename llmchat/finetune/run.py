@@ -75,7 +75,7 @@ def load_base(args: Any) -> Base:
     elif dtype == "auto" and args.device != "cpu" and torch.cuda.is_available():
         dtype = "float16"  # upstream: model.half(), the prefix encoder kept in float32
     chat = load(model_path=path, device=args.device, dtype=dtype,
-                quant=args.quantization_bit or 16, threads=args.threads)
+                quant=args.quantization_bit or 16, threads=args.threads, training=True)
     chat.model.requires_grad_(False)
     hf = read_config(Path(path))
     return Base(chat, chat.module.__name__.endswith("chatglm2"),

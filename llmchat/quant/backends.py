@@ -17,6 +17,13 @@ sequence of checks, easy to change when measurements say so.
   accumulator and the fp16 row scale is applied afterwards in fp32. Putting the row scale into the
   kernel's per-group table instead would round it to bf16 (8 bits of mantissa instead of fp16's
   11) and change the weights; this way they are exact.
+* Prompts on CPUs where oneDNN has bf16 (AVX512-BF16, AMX): the weight-only kernels above run a
+  prompt row by row (int8, 128 rows x 4096 -> 27392: 136 ms), while oneDNN's bf16 GEMM does the
+  whole product in 40. The integers themselves (|q| <= 128) are exact in bf16, so inputs of at
+  least ``prompt_rows`` rows convert the stored integers block by block to bf16 (int8: a cast;
+  the CPU int4 layout: two nibble planes per block of rows) and multiply in bf16 with fp32 sums,
+  then apply the row scale exactly as after the kernels (``integer_gemm``): the same numbers
+  up to summation order, 50 ms instead of 136.
 * ``Dequant`` — the reference: dequantize (``q * scale`` rounded once to the activation dtype,
   what upstream's own fallback does) block by block and ``F.linear``. Used for tests, for shapes
   the kernels reject and for int4 where the fast kernel cannot run (CPU with fp32/fp16
@@ -35,11 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmchat.cpu_linear import onednn_bf16
 from llmchat.quant import layout as fmt
 from llmchat.quant.layout import pack_int4, unpack_int4
 
 if TYPE_CHECKING:
     from llmchat.quant.linear import QuantizedLinear
+
+
+ALIGN = 64  # bytes: AVX512 aligned loads
 
 
 @dataclass(frozen=True)
@@ -50,11 +61,12 @@ class Backend:
     fallback: ClassVar[bool] = False  # the slow dequantize + matmul path (warned about)
     row_group: ClassVar[int] = 1  # rows per independent block of the stored layout
     max_rows: int | None = None  # kernel for inputs of at most this many rows; dequant above
+    prompt_rows: int | None = None  # inputs of this many rows or more: ``integer_gemm``
     note: str = ""  # why this backend (for a fallback: what would enable the fast one)
 
     def pack(self, q: Tensor) -> Tensor:
         """Upstream layout (int8 ``[out, in * bits / 8]``) → the stored ``weight``."""
-        return q.contiguous()
+        return aligned(q)
 
     def linear(self, layer: QuantizedLinear, x: Tensor) -> Tensor:
         """``(M, K)`` → ``(M, N)``."""
@@ -64,6 +76,26 @@ class Backend:
         """Signed integer weights of rows ``r0:r1``, int8 ``(rows, K)``."""
         w = layer.weight[r0:r1]
         return unpack_int4(w) if layer.bits == 4 else w
+
+    def float_rows(self, layer: QuantizedLinear, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
+        """The integers of rows ``r0:r1`` (a block of ``row_blocks``) as ``dtype``, shape
+        ``(rows, K)``, possibly a transposed view; exact (|q| <= 128 fits bf16)."""
+        return self.int_rows(layer, r0, r1).to(dtype)
+
+    def use_integer_gemm(self, x: Tensor) -> bool:
+        return self.prompt_rows is not None and x.shape[0] >= self.prompt_rows
+
+
+def aligned(t: Tensor, to: int = ALIGN) -> Tensor:
+    """``t`` contiguous at an address that is a multiple of ``to`` bytes (copied if not).
+
+    A tensor memory-mapped from a file (the quantized cache, a ``.bin`` checkpoint) starts
+    wherever the file put it, e.g. 8 bytes past a 64-byte boundary; torch's AVX512 int8 kernel
+    reads the weight with aligned vector loads and crashes on such an address."""
+    t = t.contiguous()
+    if t.device.type == "cpu" and t.data_ptr() % to:
+        t = t.clone()  # torch's CPU allocator aligns to 64 bytes
+    return t
 
 
 def dequant_linear(layer: QuantizedLinear, x: Tensor) -> Tensor:
@@ -76,6 +108,15 @@ def dequant_linear(layer: QuantizedLinear, x: Tensor) -> Tensor:
         bias = None if layer.bias is None else layer.bias[r : r + step].to(x.dtype)
         outs.append(F.linear(x, w, bias))
     return torch.cat(outs, dim=-1)
+
+
+def integer_gemm(layer: QuantizedLinear, x: Tensor) -> Tensor:
+    """``x @ q.T`` by the float GEMM on the integers converted block by block (exact), output
+    rounded to ``x.dtype`` as the kernels round it, then ``post_scale`` as after them."""
+    y = x.new_empty(x.shape[0], layer.out_features)
+    for r0, r1 in layer.row_blocks():
+        y[:, r0:r1] = F.linear(x, layer.backend.float_rows(layer, r0, r1, x.dtype))
+    return post_scale(layer, y, x.dtype)
 
 
 def post_scale(layer: QuantizedLinear, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -97,6 +138,8 @@ class Int8PackMM(Backend):
     name: ClassVar[str] = "int8pack_mm"
 
     def linear(self, layer: QuantizedLinear, x: Tensor) -> Tensor:
+        if self.use_integer_gemm(x):
+            return integer_gemm(layer, x)
         if self.max_rows is not None and x.shape[0] > self.max_rows:
             return dequant_linear(layer, x)
         dtype, n = x.dtype, layer.out_features
@@ -136,6 +179,8 @@ class Int4Packed(Backend):
         dtype = x.dtype
         if dtype != torch.bfloat16:  # the int4 kernels were selected for bf16 activations
             return self.linear(layer, x.to(torch.bfloat16)).to(dtype)
+        if self.use_integer_gemm(x):
+            return integer_gemm(layer, x)
         table = self.unit_table(layer, layer.out_features, layer.weight.device)
         return post_scale(layer, self.kernel(x, layer.weight, table), dtype)
 
@@ -203,6 +248,27 @@ class Int4PackCPU(Int4Packed):
     def kernel(self, x: Tensor, weight: Tensor, table: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.group_size, table)
 
+    def float_rows(self, layer: QuantizedLinear, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
+        """Fast where the packing is plain blocks of ``b`` rows: for each block and each k,
+        ``b / 2`` bytes whose low nibbles are rows ``0..b/2-1`` and high nibbles the rest (what
+        torch 2.x packs: b = 64 on AVX512, 32 on AVX2), checked once on random values."""
+        k = layer.in_features
+        b = layer.shared(("int4 cpu block", k), partial(self._block_rows, k))
+        if not b or r0 % b or (r1 - r0) % b:
+            return super().float_rows(layer, r0, r1, dtype)
+        return _block_planes(layer.weight[r0:r1], r1 - r0, k, b, dtype).t()
+
+    def _block_rows(self, k: int) -> int:
+        for b in (64, 32, 16, 128):
+            q = torch.randint(-8, 8, (2 * b, k), dtype=torch.int8)
+            try:
+                got = _block_planes(self.pack(pack_int4(q)), 2 * b, k, b, torch.float32)
+            except RuntimeError:  # the layout's sizes do not split that way
+                continue
+            if torch.equal(got.t(), q.float()):
+                return b
+        return 0
+
 
 @dataclass(frozen=True)
 class Int4PackCUDA(Int4Packed):
@@ -221,6 +287,16 @@ class Int4PackCUDA(Int4Packed):
         return torch.ops.aten._weight_int4pack_mm(x.contiguous(), weight, self.group_size, table)
 
 
+def _block_planes(stored: Tensor, rows: int, k: int, b: int, dtype: torch.dtype) -> Tensor:
+    """``(K, rows)`` in ``dtype``: the transposed signed integers of ``rows`` stored rows
+    packed as blocks of ``b`` rows (see ``Int4PackCPU.float_rows``)."""
+    u = stored.contiguous().view(torch.uint8).view(rows // b, k, b // 2)
+    out = torch.empty(k, rows // b, 2, b // 2, dtype=dtype, device=stored.device)
+    out[:, :, 0].copy_((u & 15).permute(1, 0, 2))
+    out[:, :, 1].copy_((u >> 4).permute(1, 0, 2))
+    return out.view(k, rows).sub_(8)
+
+
 def _nibbles(packed: Tensor) -> Tensor:
     """All 4-bit fields of a packed tensor, low nibble first in each byte, flattened."""
     b = packed.contiguous().view(torch.uint8).flatten()
@@ -228,10 +304,15 @@ def _nibbles(packed: Tensor) -> Tensor:
 
 
 # -- selection -------------------------------------------------------------------------------------
+PROMPT_ROWS = 32  # integer_gemm from here (int8 and int4 kernels were faster below ~24 rows)
+
+
 def select_backend(bits: int, in_features: int, out_features: int, device: torch.device,
                    dtype: torch.dtype) -> Backend:
     """The one place that picks the backend of a layer (see the module docstring)."""
     cpu = device.type == "cpu"
+    # a prompt through oneDNN's bf16 GEMM on the exact integers (see the module docstring)
+    prompt = PROMPT_ROWS if cpu and dtype == torch.bfloat16 and onednn_bf16() else None
     if bits == 8 and not _has_kernel("_weight_int8pack_mm", device):
         return Dequant(note=(
             f"this torch build has no {device.type.upper()} kernel for _weight_int8pack_mm"))
@@ -239,7 +320,8 @@ def select_backend(bits: int, in_features: int, out_features: int, device: torch
         # fp32/fp16 activations: per-row kernels are fast for decode but scale linearly in the
         # number of rows on CPU (a 64-token prompt is 10x slower than dequantize + matmul);
         # on CUDA the kernel is a warp-per-output GEMV, cuBLAS wins for prompts.
-        return Int8PackMM(max_rows=None if cpu and dtype == torch.bfloat16 else (2 if cpu else 16))
+        return Int8PackMM(max_rows=None if cpu and dtype == torch.bfloat16 else (2 if cpu else 16),
+                          prompt_rows=prompt)
     k, n = in_features, out_features
     if cpu:
         # scales are all 1 (the row scale is applied after), so the group size is free: the
@@ -253,7 +335,7 @@ def select_backend(bits: int, in_features: int, out_features: int, device: torch
             return Dequant(note=(
                 f"the CPU int4 kernel needs in_features % 32 == 0 and out_features % 16 == 0 "
                 f"(this layer: {k} -> {n})"))
-        return Int4PackCPU(group_size=gs)
+        return Int4PackCPU(group_size=gs, prompt_rows=prompt)
     if dtype != torch.bfloat16:
         return Dequant(note=(
             f"torch's CUDA int4 kernel needs bfloat16 activations, not {dtype_name(dtype)}; "
