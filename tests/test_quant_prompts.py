@@ -73,8 +73,8 @@ def test_int4_cpu_layout_unpacks_by_planes_exactly() -> None:
 
 def test_prompt_rows_only_where_onednn_has_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "onednn_bf16", lambda: True)
-    assert select_backend(8, 4096, 4096, CPU, torch.bfloat16).prompt_rows == backends.PROMPT_ROWS
-    assert select_backend(4, 4096, 4096, CPU, torch.bfloat16).prompt_rows == backends.PROMPT_ROWS
+    assert select_backend(8, 4096, 4096, CPU, torch.bfloat16).prompt_rows == 16
+    assert select_backend(4, 4096, 4096, CPU, torch.bfloat16).prompt_rows == 80
     assert select_backend(8, 4096, 4096, CPU, torch.float32).prompt_rows is None
     monkeypatch.setattr(backends, "onednn_bf16", lambda: False)
     assert select_backend(8, 4096, 4096, CPU, torch.bfloat16) == Int8PackMM()

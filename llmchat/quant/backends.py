@@ -23,7 +23,8 @@ sequence of checks, easy to change when measurements say so.
   least ``prompt_rows`` rows convert the stored integers block by block to bf16 (int8: a cast;
   the CPU int4 layout: two nibble planes per block of rows) and multiply in bf16 with fp32 sums,
   then apply the row scale exactly as after the kernels (``integer_gemm``): the same numbers
-  up to summation order, 50 ms instead of 136.
+  up to summation order, 50 ms instead of 136 (a ChatGLM2-6B layer at 128 rows: int8 98 ms
+  instead of 244, int4 153 instead of 216).
 * ``Dequant`` — the reference: dequantize (``q * scale`` rounded once to the activation dtype,
   what upstream's own fallback does) block by block and ``F.linear``. Used for tests, for shapes
   the kernels reject and for int4 where the fast kernel cannot run (CPU with fp32/fp16
@@ -304,7 +305,9 @@ def _nibbles(packed: Tensor) -> Tensor:
 
 
 # -- selection -------------------------------------------------------------------------------------
-PROMPT_ROWS = 32  # integer_gemm from here (int8 and int4 kernels were faster below ~24 rows)
+# integer_gemm from this many rows: below, the kernels were faster (bench_prefill.py, AVX512
+# Zen 4: int8 crosses over at about 12 rows; int4, whose unpacking costs more, at about 76)
+PROMPT_ROWS = {8: 16, 4: 80}
 
 
 def select_backend(bits: int, in_features: int, out_features: int, device: torch.device,
@@ -312,7 +315,7 @@ def select_backend(bits: int, in_features: int, out_features: int, device: torch
     """The one place that picks the backend of a layer (see the module docstring)."""
     cpu = device.type == "cpu"
     # a prompt through oneDNN's bf16 GEMM on the exact integers (see the module docstring)
-    prompt = PROMPT_ROWS if cpu and dtype == torch.bfloat16 and onednn_bf16() else None
+    prompt = PROMPT_ROWS[bits] if cpu and dtype == torch.bfloat16 and onednn_bf16() else None
     if bits == 8 and not _has_kernel("_weight_int8pack_mm", device):
         return Dequant(note=(
             f"this torch build has no {device.type.upper()} kernel for _weight_int8pack_mm"))
