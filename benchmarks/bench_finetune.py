@@ -68,8 +68,8 @@ def one(mode: str, a: argparse.Namespace) -> dict[str, float | str]:
     dev = torch.device(a.device)
     cfg = shrink(module.Config(), a.layers)
     torch.set_num_threads(a.threads or torch.get_num_threads())
-    model, _ = build_model(module, cfg, random_tensors(module, cfg, dtype=dtype, device=dev),
-                           bits=bits, checkpoint_bits=0, dtype=dtype, device=dev, training=True)
+    model = build_model(module, cfg, random_tensors(module, cfg, dtype=dtype, device=dev),
+                        bits=bits, checkpoint_bits=0, dtype=dtype, device=dev, training=True)
     model.requires_grad_(False)
     d = dims_of(module_name, cfg)
     enc = new_encoder(d, a.pre_seq_len, False, seed=0).to(dev)
