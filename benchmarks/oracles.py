@@ -28,25 +28,25 @@ def hf_glm(model: Any) -> nn.Module:
     )
     hf = transformers.GlmForCausalLM(hf_cfg)  # not meta: its rotary buffers are computed here
     d, h, g = c.kv_channels, c.num_heads, c.num_kv_groups
-    tr = model.transformer
+    ours = model.state_dict()  # plain tensors, also where the CPU weights are packed for oneDNN
     sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": tr.embedding.word_embeddings.weight,
-        "model.norm.weight": tr.encoder.final_layernorm.weight,
-        "lm_head.weight": tr.output_layer.weight,
+        "model.embed_tokens.weight": ours["transformer.embedding.word_embeddings.weight"],
+        "model.norm.weight": ours["transformer.encoder.final_layernorm.weight"],
+        "lm_head.weight": ours["transformer.output_layer.weight"],
     }
-    for i, blk in enumerate(tr.encoder.layers):
-        p = f"model.layers.{i}."
-        w = blk.self_attention.query_key_value.weight
-        b = blk.self_attention.query_key_value.bias
+    for i in range(c.num_layers):
+        p, q = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        w = ours[q + "self_attention.query_key_value.weight"]
+        b = ours[q + "self_attention.query_key_value.bias"]
         for name, (lo, hi) in {"q": (0, h * d), "k": (h * d, (h + g) * d),
                                "v": ((h + g) * d, (h + 2 * g) * d)}.items():
             sd[p + f"self_attn.{name}_proj.weight"] = w[lo:hi]
             sd[p + f"self_attn.{name}_proj.bias"] = b[lo:hi]
-        sd[p + "self_attn.o_proj.weight"] = blk.self_attention.dense.weight
-        sd[p + "mlp.gate_up_proj.weight"] = blk.mlp.dense_h_to_4h.weight
-        sd[p + "mlp.down_proj.weight"] = blk.mlp.dense_4h_to_h.weight
-        sd[p + "input_layernorm.weight"] = blk.input_layernorm.weight
-        sd[p + "post_attention_layernorm.weight"] = blk.post_attention_layernorm.weight
+        sd[p + "self_attn.o_proj.weight"] = ours[q + "self_attention.dense.weight"]
+        sd[p + "mlp.gate_up_proj.weight"] = ours[q + "mlp.dense_h_to_4h.weight"]
+        sd[p + "mlp.down_proj.weight"] = ours[q + "mlp.dense_4h_to_h.weight"]
+        sd[p + "input_layernorm.weight"] = ours[q + "input_layernorm.weight"]
+        sd[p + "post_attention_layernorm.weight"] = ours[q + "post_attention_layernorm.weight"]
     hf.load_state_dict(sd, strict=True)
     return hf.eval()
 

@@ -116,6 +116,11 @@ class PackedLinear(nn.Linear):
         y: Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return y
 
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:  # state_dict() holds plain tensors (oracles, tools)
+            destination[prefix + "weight"] = self.weight.to_dense()
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, packed for oneDNN"
 

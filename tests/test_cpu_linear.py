@@ -84,6 +84,8 @@ def test_packed_weights_compute_what_nn_linear_computes(dtype: torch.dtype, bias
     assert lin.weight.is_mkldnn and lin.weight.shape == (40, 96) and lin.weight.dtype == dtype
     assert "weight" not in dict(lin.named_parameters())  # a buffer now, in oneDNN's layout
     lin.pack()  # packing twice is a no-op
+    sd = lin.state_dict()  # plain tensors for whoever reads the weights
+    assert not sd["weight"].is_mkldnn and torch.equal(sd["weight"], w)
     tol = {"rtol": 2 ** -7, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     for shape in ((1, 96), (1, 1, 96), (3, 7, 96), (130, 96)):  # decode steps and prompts
         x = torch.randn(shape).to(dtype)
