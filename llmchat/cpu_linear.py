@@ -8,8 +8,9 @@ Three paths, picked per model from what the CPU has (``select_cpu_linear``), eac
   multiplied by oneDNN (``_linear_pointwise``). A one-token decode step then streams the weight at
   memory bandwidth, where torch's own bf16 matrix-vector product reaches about half of it (AVX512
   Zen 4, 2 threads, 4096->27392 bf16: 6.5 vs 12.6 ms), and prompts are a little faster too; fp32
-  weights skip MKL's SGEMM, slow on AMD CPUs (128 rows: 71 vs 253 ms). Used for fp32 wherever
-  torch has oneDNN, for bf16 where oneDNN has bf16 on the CPU (AVX512 cores, AVX512-BF16, AMX).
+  weights skip MKL's SGEMM, slow on AMD CPUs (128 rows: 71 vs 253 ms). Used on x86-64 for fp32
+  wherever torch has oneDNN, for bf16 where oneDNN has bf16 on the CPU (AVX512 cores,
+  AVX512-BF16, AMX).
 * ``upcast`` — CPUs without oneDNN bf16 (AVX2-only): torch's bf16 GEMM falls back to a generic
   routine, 2-3x slower for a 128-token prompt than MKL's fp32 SGEMM on the same numbers. Inputs
   of at least ``MIN_ROWS`` rows (a prompt) copy the bf16 weight block by block into one reused
@@ -28,6 +29,7 @@ sends gradients through the frozen linears to the prefix) keeps plain weights.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +70,10 @@ def onednn_bf16() -> bool:
 
 
 def _can_pack() -> bool:
-    return bool(torch.backends.mkldnn.is_available()
+    """oneDNN packing is used on x86-64 only, where it was measured (oneDNN on ARM is another
+    code base, with its own kernels)."""
+    return bool(platform.machine().lower() in ("x86_64", "amd64")
+                and torch.backends.mkldnn.is_available()
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 

@@ -134,8 +134,17 @@ def test_the_choice_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def _modes(dtype: torch.dtype) -> list[str]:
     modes = ["native", "upcast"] if dtype == torch.bfloat16 else ["native"]
     if torch.backends.mkldnn.is_available() and (dtype == torch.float32 or onednn_bf16()):
-        modes.append("packed")
+        modes.append("packed")  # forced by the variable, also off x86-64
     return modes
+
+
+def test_packing_is_for_x86_64_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cpu_linear.ENV, raising=False)
+    monkeypatch.setattr(cpu_linear.torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "aarch64")
+    assert select_cpu_linear(CPU, torch.float32) is None  # not measured there: torch as is
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
+    assert select_cpu_linear(CPU, torch.float32).name == "packed"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
