@@ -277,7 +277,7 @@ def test_chat_cache_starts_small_and_fit_respects_model_positions(glm2_dir: Path
     m = load(model_path=glm2_dir, device="cpu", dtype="float32")
     cfg = m.defaults.with_(temperature=0, max_new_tokens=300)
     out = m.generate([Message("user", "你好")], cfg).consume()
-    cache = m._cache
+    cache = m._slot.cache
     # sized for this reply (17 prompt + 300 new), not for the 8192-token budget
     assert cache is not None and cache.max_len == out.stats.prompt_tokens + 300
     assert out.stats.completion_tokens == 300 and out.text

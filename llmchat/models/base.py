@@ -174,6 +174,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int], *, limit: int) -> int:
     return max(n, 0)
 
 
+@dataclass
+class KVSlot:
+    """One conversation's kept keys/values: the cache, the token ids it holds keys/values for
+    (in its first slots; causal prompts only), the length of the prompt that filled it, and the
+    captured decode step over its buffers."""
+
+    cache: KVCache | None = None
+    ids: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    decoder: StaticDecoder | None = None
+
+
 class TransformerChatModel(ChatModel):
     """Glue any architecture module (see the module docstring) to the generic generator."""
 
@@ -194,16 +206,12 @@ class TransformerChatModel(ChatModel):
         self.module = module
         self.model = model
         self.tokenizer = tokenizer
-        self._cache: KVCache | None = None
-        self._decoder: StaticDecoder | None = None
-        # Token ids whose keys/values sit in the cache's first slots (causal prompts only).
-        self._kv_ids: list[int] = []
+        self._slot = KVSlot()  # the active conversation's cache
         self.kv_reuse = self.arch.causal_prompt and os.environ.get("LLMCHAT_KV_REUSE", "1") != "0"
         # ``kv_slots`` caches are kept (the server's several conversations); the active one is
-        # ``_cache``/``_kv_ids``/``_decoder``, the others wait here, most recently used first.
+        # ``_slot``, the others wait here, most recently used first.
         self.kv_slots = 1
-        self._kv_prompt = 0  # the length of the prompt that filled the active cache
-        self._parked: list[tuple[KVCache, list[int], int, StaticDecoder | None]] = []
+        self._parked: list[KVSlot] = []
         self.prefix: Any = None  # llmchat.ptuning.Prefix, in the cache dtype, or None
 
     def set_prefix(self, directory: str | None) -> None:
@@ -224,7 +232,7 @@ class TransformerChatModel(ChatModel):
 
     def _forget(self) -> None:
         """No cached keys/values may be reused (the prefix changed)."""
-        self._kv_ids = []
+        self._slot.ids = []
         self._parked.clear()
 
     # -- prompt ---------------------------------------------------------------------------
@@ -268,14 +276,15 @@ class TransformerChatModel(ChatModel):
         total += p  # the prefix takes the first cache slots (positions do not count it)
         start = min(total, -(-(prompt + p + CACHE_ROUND) // CACHE_ROUND) * CACHE_ROUND)
         kept = self._pick_slot(ids) if reuse and self.kv_reuse else 0
-        cache = self._cache
+        slot = self._slot
+        cache = slot.cache
         if kept:
             cache.offset = cache.prefix_len + kept
             cache.limit = max(total, cache.max_len)
             return cache, kept
         if cache is None or cache.max_len < start:
-            self._decoder = None  # it holds the old buffers (and a graph over them)
-            self._cache = None  # free the old buffers before allocating the new ones
+            slot.decoder = None  # it holds the old buffers (and a graph over them)
+            slot.cache = None  # free the old buffers before allocating the new ones
             try:
                 cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
             except torch.cuda.OutOfMemoryError:
@@ -283,7 +292,7 @@ class TransformerChatModel(ChatModel):
                     raise
                 self._parked.clear()  # the waiting conversations give their memory back
                 cache = self.model.make_cache(start, dtype=self.cache_dtype, device=self.device)
-            self._cache = cache
+            slot.cache = cache
         cache.limit = max(total, cache.max_len)
         if self.prefix is not None:
             cache.set_prefix(self.prefix.k, self.prefix.v)
@@ -299,23 +308,22 @@ class TransformerChatModel(ChatModel):
         several slots a cache is taken over only by its own conversation's follow-up (holding
         the prompt that filled it, but for the last two tokens, whose re-tokenization next to
         the reply may differ), not by another one that shares just the template."""
-        slots = [(self._cache, self._kv_ids, self._kv_prompt, self._decoder), *self._parked]
+        slots = [self._slot, *self._parked]
         best, kept = 0, 0
-        for i, (cache, kv_ids, prompt_len, _) in enumerate(slots):
-            if cache is None or not kv_ids:
+        for i, slot in enumerate(slots):
+            if slot.cache is None or not slot.ids:
                 continue
-            n = common_prefix(kv_ids, ids, limit=len(ids) - 1)
-            if self.kv_slots > 1 and n < min(prompt_len, len(ids)) - 2:
+            n = common_prefix(slot.ids, ids, limit=len(ids) - 1)
+            if self.kv_slots > 1 and n < min(slot.prompt_len, len(ids)) - 2:
                 continue
-            if n > kept and cache.reusable(len(ids)):
+            if n > kept and slot.cache.reusable(len(ids)):
                 best, kept = i, n
-        if not kept and self.kv_slots > 1 and self._cache is not None and self._kv_ids:
+        if not kept and self.kv_slots > 1 and self._slot.cache is not None and self._slot.ids:
             best = len(slots)  # a new conversation: keep the active one waiting
-            slots.append((None, [], 0, None))
+            slots.append(KVSlot())
         if best:
-            chosen = slots.pop(best)
-            self._parked = [s for s in slots if s[0] is not None][: self.kv_slots - 1]
-            self._cache, self._kv_ids, self._kv_prompt, self._decoder = chosen
+            self._slot = slots.pop(best)
+            self._parked = [s for s in slots if s.cache is not None][: self.kv_slots - 1]
         return kept
 
     def decode_step(self, cache: KVCache) -> StaticDecoder | None:
@@ -323,9 +331,10 @@ class TransformerChatModel(ChatModel):
         cache is); elsewhere None: the eager step. ``LLMCHAT_CUDA_GRAPHS=0`` turns it off."""
         if self.device.type != "cuda" or os.environ.get("LLMCHAT_CUDA_GRAPHS", "1") == "0":
             return None
-        if self._decoder is None or self._decoder.cache is not cache:
-            self._decoder = StaticDecoder(self.model, cache, capture=True)
-        return self._decoder
+        slot = self._slot
+        if slot.decoder is None or slot.decoder.cache is not cache:
+            slot.decoder = StaticDecoder(self.model, cache, capture=True)
+        return slot.decoder
 
     @property
     def device(self) -> torch.device:
@@ -345,11 +354,13 @@ class TransformerChatModel(ChatModel):
                 generated.append(token)
                 yield token
         except GeneratorExit:
-            self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
-            self._kv_prompt = len(ids)
+            self._remember(ids, generated, cache)
             raise
-        self._kv_ids = [*ids, *generated][: cache.offset - cache.prefix_len]
-        self._kv_prompt = len(ids)
+        self._remember(ids, generated, cache)
+
+    def _remember(self, ids: list[int], generated: list[int], cache: KVCache) -> None:
+        self._slot.ids = [*ids, *generated][: cache.offset - cache.prefix_len]
+        self._slot.prompt_len = len(ids)
 
     def prefill_fn(self, messages: Sequence[Message]) -> Any:
         """Hook for the first forward (VisualGLM splices image embeddings here)."""
@@ -378,7 +389,7 @@ class TransformerChatModel(ChatModel):
         # a custom prefill (VisualGLM's image splice) computes the whole prompt itself
         cache, cached = self._get_cache(ids, len(ids) + max_new, reuse=prefill is None)
         stats.cached_tokens = cached
-        self._kv_ids = []  # until this reply leaves the cache consistent
+        self._slot.ids = []  # until this reply leaves the cache consistent
         step = self.decode_step(cache)
         stats.decode_path = step.path if step is not None else "eager"
         arch = self.arch
