@@ -210,6 +210,9 @@ def result_table(r: BenchResult) -> Any:
         ("memory-copy bandwidth", f"{r.copy_gb_per_s:,.1f} GB/s"),
         ("peak memory", f"{r.peak_memory_bytes / 2**30:,.2f} GiB"),
         ("decode path", r.decode_path),
+        ("quant backend", str(r.extra.get("quant_backend", ""))),
+        ("CPU linears", str(r.extra.get("cpu_linear", ""))),
     ):
-        t.add_row(k, v)
+        if v:
+            t.add_row(k, v)
     return t

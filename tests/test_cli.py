@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from llmchat.cli import app
@@ -201,6 +203,8 @@ def test_bench_on_a_checkpoint_and_usage_errors(glm2_dir: Path) -> None:
         ],
     )
     assert table.exit_code == 0 and "decode tokens/s" in table.stdout
+    if torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64"):
+        assert "packed for oneDNN" in table.stdout  # the fp32 CPU path is named
     for args, msg in (
         (["bench"], "give --model"),
         (["bench", "-p", str(glm2_dir), "--layers", "2"], "--layers needs --random"),
