@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from llmchat.quant import backends
-from llmchat.quant.backends import Int4PackCPU, Int8PackMM, aligned, select_backend
-from llmchat.quant.layout import dequantize_weight, pack_int4, quantize_weight
+from llmchat.quant.backends import Int4PackCPU, Int4Packed, Int8PackMM, aligned, select_backend
+from llmchat.quant.layout import dequantize_weight, pack_int4, quantize_weight, unpack_int4
 from llmchat.quant.linear import QuantizedLinear
 
 CPU = torch.device("cpu")
@@ -65,10 +65,13 @@ def test_int4_cpu_layout_unpacks_by_planes_exactly() -> None:
     be = select_backend(4, k, n, CPU, torch.bfloat16)
     assert isinstance(be, Int4PackCPU)
     assert be._block_rows(k) in (32, 64)  # torch 2.x packs plain row blocks: the fast path runs
-    mod, _ = loaded(4, k, n, be, bias=False)
+    mod, w = loaded(4, k, n, be, bias=False)
+    q = unpack_int4(quantize_weight(w, 4)[0])  # what was stored, in the upstream layout
     for r0, r1 in [(0, n), (0, 128), (128, 256), (256, n)]:
-        fast = be.float_rows(mod, r0, r1, torch.float32)
-        assert torch.equal(fast, be.int_rows(mod, r0, r1).float())  # the generic read-back
+        generic = Int4Packed.int_rows(be, mod, r0, r1)  # the layout-agnostic read-back
+        assert torch.equal(generic, q[r0:r1])
+        assert torch.equal(be.int_rows(mod, r0, r1), generic)  # planes where the blocks allow
+        assert torch.equal(be.float_rows(mod, r0, r1, torch.float32), generic.float())
 
 
 def test_prompt_rows_only_where_onednn_has_bf16(monkeypatch: pytest.MonkeyPatch) -> None:

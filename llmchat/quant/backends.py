@@ -18,13 +18,13 @@ sequence of checks, easy to change when measurements say so.
   kernel's per-group table instead would round it to bf16 (8 bits of mantissa instead of fp16's
   11) and change the weights; this way they are exact.
 * Prompts on CPUs where oneDNN has bf16 (AVX512-BF16, AMX): the weight-only kernels above run a
-  prompt row by row (int8, 128 rows x 4096 -> 27392: 136 ms), while oneDNN's bf16 GEMM does the
-  whole product in 40. The integers themselves (|q| <= 128) are exact in bf16, so inputs of at
-  least ``prompt_rows`` rows convert the stored integers block by block to bf16 (int8: a cast;
-  the CPU int4 layout: two nibble planes per block of rows) and multiply in bf16 with fp32 sums,
-  then apply the row scale exactly as after the kernels (``integer_gemm``): the same numbers
-  up to summation order, 50 ms instead of 136 (a ChatGLM2-6B layer at 128 rows: int8 98 ms
-  instead of 244, int4 153 instead of 216).
+  prompt row by row, while oneDNN's bf16 GEMM does the whole product at once. The integers
+  themselves (|q| <= 128) are exact in bf16, so inputs of at least ``prompt_rows`` rows convert
+  the stored integers block by block to bf16 (int8: a cast; the CPU int4 layout: two nibble
+  planes per block of rows) and multiply in bf16 with fp32 sums, then apply the row scale
+  exactly as after the kernels (``integer_gemm``): the same numbers up to summation order, and
+  for a ChatGLM2-6B layer at 128 rows int8 takes 98 ms instead of 244, int4 153 instead of 216
+  (``benchmarks/bench_prefill.py``).
 * ``Dequant`` — the reference: dequantize (``q * scale`` rounded once to the activation dtype,
   what upstream's own fallback does) block by block and ``F.linear``. Used for tests, for shapes
   the kernels reject and for int4 where the fast kernel cannot run (CPU with fp32/fp16
@@ -249,14 +249,25 @@ class Int4PackCPU(Int4Packed):
     def kernel(self, x: Tensor, weight: Tensor, table: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.group_size, table)
 
+    def int_rows(self, layer: QuantizedLinear, r0: int, r1: int) -> Tensor:
+        planes = self._planes(layer, r0, r1, torch.int8)
+        return super().int_rows(layer, r0, r1) if planes is None else planes
+
     def float_rows(self, layer: QuantizedLinear, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
-        """Fast where the packing is plain blocks of ``b`` rows: for each block and each k,
-        ``b / 2`` bytes whose low nibbles are rows ``0..b/2-1`` and high nibbles the rest (what
-        torch 2.x packs: b = 64 on AVX512, 32 on AVX2), checked once on random values."""
+        planes = self._planes(layer, r0, r1, dtype)
+        return super().float_rows(layer, r0, r1, dtype) if planes is None else planes
+
+    def _planes(self, layer: QuantizedLinear, r0: int, r1: int, dtype: torch.dtype
+                ) -> Tensor | None:
+        """Rows ``r0:r1`` as ``dtype`` ``(rows, K)`` (a transposed view), read by nibble planes
+        where the packing is plain blocks of ``b`` rows: for each block and each k, ``b / 2``
+        bytes whose low nibbles are rows ``0..b/2-1`` and high nibbles the rest (what torch 2.x
+        packs: b = 64 on AVX512, 32 on AVX2), checked once on random values. None elsewhere:
+        then the generic read-back (``Int4Packed.int_rows``) runs."""
         k = layer.in_features
         b = layer.shared(("int4 cpu block", k), partial(self._block_rows, k))
         if not b or r0 % b or (r1 - r0) % b:
-            return super().float_rows(layer, r0, r1, dtype)
+            return None
         return _block_planes(layer.weight[r0:r1], r1 - r0, k, b, dtype).t()
 
     def _block_rows(self, k: int) -> int:
