@@ -23,6 +23,7 @@ from llmchat.generate import generate_tokens, make_sampler
 from llmchat.graphs import StaticDecoder
 from llmchat.loader import (
     build_model_and_summary,
+    build_notes,
     peak_rss_bytes,
     resolve_device,
     resolve_dtype,
@@ -136,7 +137,7 @@ def run(model_name: str | None = None, *, model_path: str | None = None,
         tensors = random_tensors(module, cfg, dtype=tdtype, device=dev)
         model, summary = build_model_and_summary(module, cfg, tensors, bits=bits,
                                                  checkpoint_bits=0, dtype=tdtype, device=dev)
-        name, extra = spec.name, {**summary.extra(), **getattr(model, "cpu_linear_extra", {})}
+        name, extra = spec.name, build_notes(model, summary)
     else:
         from llmchat.loader import load
 

@@ -167,14 +167,14 @@ class UpcastLinear(nn.Linear):
 
 
 def prepare_cpu_linears(model: nn.Module, device: torch.device, dtype: torch.dtype, *,
-                        training: bool = False) -> dict[str, Any]:
+                        training: bool = False) -> None:
     """Swap the plain ``nn.Linear`` layers of a meta-built model (quantized ones stay) for the
-    path ``select_cpu_linear`` picks. Call ``finish_cpu_linears``
-    once the weights are loaded. Returns ``{"cpu_linear": ...}`` for ``LoadInfo.extra`` (shown by
-    ``--verbose``; empty where there is no choice)."""
+    path ``select_cpu_linear`` picks, and note it as ``model.cpu_linear_extra``
+    (``{"cpu_linear": ...}``, which the loader puts in ``LoadInfo.extra`` for ``--verbose``).
+    Call ``finish_cpu_linears`` once the weights are loaded."""
     path = select_cpu_linear(torch.device(device), dtype, training=training)
     if path is None:
-        return {}
+        return
     if path.name != "native":
         scratch: dict[str, Tensor] = {}
         swapped = 0
@@ -189,10 +189,8 @@ def prepare_cpu_linears(model: nn.Module, device: torch.device, dtype: torch.dty
             setattr(model.get_submodule(parent) if parent else model, attr, new)
             swapped += 1
         if not swapped:
-            return {}
-    extra = {"cpu_linear": path.describe()}
-    model.cpu_linear_extra = extra  # read by the loader into LoadInfo.extra
-    return extra
+            return
+    model.cpu_linear_extra = {"cpu_linear": path.describe()}
 
 
 def finish_cpu_linears(model: nn.Module) -> None:

@@ -423,6 +423,11 @@ def load_weights(
         raise CheckpointError(f"missing keys in the checkpoint ({len(missing)}): {shown}")
 
 
+def build_notes(net: nn.Module, summary: QuantSummary) -> dict[str, Any]:
+    """What building chose, for ``LoadInfo.extra``: the quant backend and the CPU linear path."""
+    return {**summary.extra(), **getattr(net, "cpu_linear_extra", {})}
+
+
 def build_model(
     module: ModuleType,
     cfg: Any,
@@ -566,8 +571,7 @@ def load(
         load_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
     )
-    info.extra.update(summary.extra())  # quant backend, named by --verbose
-    info.extra.update(getattr(net, "cpu_linear_extra", {}))  # CPU matmul path, likewise
+    info.extra.update(build_notes(net, summary))  # named by --verbose
     info.extra["threads"] = n_threads
     if cache_note:
         info.extra["quant_cache"] = cache_note
