@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmchat.errors import UsageError
+
 MIN_ROWS = 64  # upcast: below ~45 rows torch's own bf16 GEMM was faster (bench_prefill.py)
 CHUNK_ELEMS = 1 << 22  # upcast: weights per block, a 16 MiB fp32 buffer, reused
 PACK_BATCH = 128  # the batch-size hint oneDNN packs for (decode and prompts alike were fastest)
@@ -83,6 +85,8 @@ def select_cpu_linear(device: torch.device, dtype: torch.dtype, *,
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return None
     forced = os.environ.get(ENV, "").strip().lower()
+    if forced not in ("", "native", "upcast", "packed"):
+        raise UsageError(f"{ENV}={forced!r}: use native, upcast (bf16 only) or packed, or unset it")
     if forced == "native":
         return CpuLinearPath("native", note=f"{ENV}=native")
     if forced == "upcast" and dtype == torch.bfloat16:

@@ -17,6 +17,7 @@ from llmchat.cpu_linear import (
     onednn_bf16,
     select_cpu_linear,
 )
+from llmchat.errors import UsageError
 from llmchat.loader import load
 
 CPU = torch.device("cpu")
@@ -129,6 +130,9 @@ def test_the_choice_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_cpu_linear(CPU, torch.bfloat16).min_rows == 2  # type: ignore[union-attr]
     monkeypatch.setenv(cpu_linear.ENV, "native")
     assert select_cpu_linear(CPU, torch.float32).name == "native"  # type: ignore[union-attr]
+    monkeypatch.setenv(cpu_linear.ENV, "fast")
+    with pytest.raises(UsageError, match="LLMCHAT_CPU_LINEAR='fast': use native"):
+        select_cpu_linear(CPU, torch.float32)
 
 
 def _modes(dtype: torch.dtype) -> list[str]:
